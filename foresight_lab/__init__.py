@@ -1,0 +1,34 @@
+"""foresight-lab: run language models in a JAX/Flax engine, from a notebook or over HTTP."""
+
+from foresight_lab.engine.engine import Engine
+from foresight_lab.engine.kv_cache import EngineConfig
+from foresight_lab.engine.request import (
+    Completion,
+    Delta,
+    InvalidRequestError,
+    SamplingOptions,
+    Usage,
+)
+from foresight_lab.lab import Lab, load
+from foresight_lab.weights.loader import LoadedModel, load_model
+from foresight_lab.weights.registry import BUILTIN_MODELS, DEFAULT_MODEL, ModelNotFoundError, pull
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "DEFAULT_MODEL",
+    "Completion",
+    "Delta",
+    "Engine",
+    "EngineConfig",
+    "InvalidRequestError",
+    "Lab",
+    "LoadedModel",
+    "ModelNotFoundError",
+    "SamplingOptions",
+    "Usage",
+    "load",
+    "load_model",
+    "pull",
+]

@@ -1,0 +1,76 @@
+"""The `foresight-lab` command line (also `python -m foresight_lab`), after vLLM's shape.
+
+foresight-lab generate [MODEL] PROMPT [--max-tokens N] [--temperature T] [--seed S]
+foresight-lab pull MODEL
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from foresight_lab.engine.request import FORESIGHT_DEFAULT_TEMPERATURE, InvalidRequestError
+from foresight_lab.weights import registry
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="foresight-lab",
+        description="Run language models in a JAX/Flax engine.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="print a completion of PROMPT")
+    generate.add_argument(
+        "words",
+        nargs="+",
+        metavar="[MODEL] PROMPT",
+        help=f"model (default {registry.DEFAULT_MODEL}: a built-in alias, .gguf file or "
+        "Hugging Face directory) and the prompt",
+    )
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=FORESIGHT_DEFAULT_TEMPERATURE)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--chat", action="store_true", help="send PROMPT as a user message")
+
+    pull = commands.add_parser("pull", help="fetch a built-in model into the local cache")
+    pull.add_argument("model", choices=sorted(registry.BUILTIN_MODELS))
+    pull.add_argument("--force", action="store_true", help="fetch again even if cached")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "pull":
+            path = registry.pull(args.model, force=args.force)
+            print(path)
+        elif args.command == "generate":
+            return _generate(args)
+    except (InvalidRequestError, registry.ModelNotFoundError, ValueError) as error:
+        print(f"foresight-lab: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _generate(args) -> int:
+    import foresight_lab as fl
+
+    if len(args.words) > 2:
+        raise ValueError("generate takes [MODEL] PROMPT: quote a prompt that has spaces")
+    model, prompt = (registry.DEFAULT_MODEL, *args.words) if len(args.words) == 1 else args.words
+    lab = fl.load(model, progress=sys.stderr.isatty())
+    sampling = dict(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    if args.chat:
+        pieces = lab.chat([{"role": "user", "content": prompt}], stream=True, **sampling)
+    else:
+        pieces = lab.generate(prompt, stream=True, **sampling)
+        print(prompt, end="", flush=True)
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
+    lab.engine.shutdown()
+    return 0

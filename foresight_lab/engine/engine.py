@@ -1,0 +1,55 @@
+"""The engine: the one narrow interface that the notebook API and the server both use.
+
+engine = Engine(model)                      # a LoadedModel: config, params, tokenizer
+handle = engine.submit(prompt_ids, options) # returns at once
+for delta in handle: ...                    # Delta events as tokens are produced
+handle.result()                             # or wait for the Completion
+"""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from foresight_lab.engine.kv_cache import EngineConfig
+from foresight_lab.engine.request import SamplingOptions
+from foresight_lab.engine.scheduler import RequestHandle, Scheduler
+from foresight_lab.weights.loader import LoadedModel
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, config: EngineConfig | None = None):
+        self.model = model
+        self.config = config or EngineConfig()
+        self.tokenizer = model.tokenizer
+        self._scheduler = Scheduler(
+            model.config, model.params, model.tokenizer, set(model.eos_token_ids), self.config
+        )
+
+    def submit(self, prompt_ids: list[int], options: SamplingOptions) -> RequestHandle:
+        """Queues a request; raises InvalidRequestError at once if it cannot run."""
+        return self._scheduler.submit(list(prompt_ids), options)
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compiles every shape bucket now, so that no request waits for a compilation."""
+        shapes = self._scheduler.shapes()
+        for shape in tqdm(shapes, desc="Compiling", unit="shape", disable=not progress):
+            self._scheduler.compile_shape(*shape)
+
+    @property
+    def compile_count(self) -> int:
+        """Backend compilations this engine has triggered so far."""
+        return self._scheduler.compiles.value
+
+    @property
+    def queue_depth(self) -> int:
+        return self._scheduler.queue_depth
+
+    @property
+    def active_slots(self) -> int:
+        return self._scheduler.active_slots
+
+    def kv_cache_bytes(self) -> int:
+        return self.config.cache_bytes(self.model.config)
+
+    def shutdown(self) -> None:
+        self._scheduler.stop()

@@ -1,0 +1,71 @@
+"""The KV cache's size and the shape buckets every compiled function is built for.
+
+The cache is preallocated once: `max_slots` rows by `max_cache_length` positions,
+one (k, v) pair per layer. Calls read only a bucketed prefix of it, so a short
+conversation does not pay for the longest one, and the set of shapes (so of
+compilations) stays small and known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from foresight_lab.models.config import ModelConfig
+from foresight_lab.models.decoder import LayerCache, empty_cache
+
+
+def _powers_of_two(low: int, high: int) -> tuple[int, ...]:
+    sizes, size = [], low
+    while size < high:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, high)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Limits of the engine; they fix the KV cache budget and the compiled shapes."""
+
+    max_slots: int = 8  # sequences decoded together (each `n` choice takes one)
+    max_cache_length: int = 2048  # prompt plus completion tokens per sequence
+    prefill_chunk: int = 512  # longest prompt piece prefilled in one call
+    min_cache_bucket: int = 128
+    min_prefill_bucket: int = 16
+
+    def __post_init__(self):
+        if self.max_slots < 1 or self.max_cache_length < 2:
+            raise ValueError("max_slots must be >= 1 and max_cache_length >= 2")
+        if self.prefill_chunk > self.max_cache_length:
+            object.__setattr__(self, "prefill_chunk", self.max_cache_length)
+
+    @property
+    def batch_buckets(self) -> tuple[int, ...]:
+        return _powers_of_two(1, self.max_slots)
+
+    @property
+    def cache_buckets(self) -> tuple[int, ...]:
+        return _powers_of_two(
+            min(self.min_cache_bucket, self.max_cache_length), self.max_cache_length
+        )
+
+    @property
+    def prefill_buckets(self) -> tuple[int, ...]:
+        return _powers_of_two(min(self.min_prefill_bucket, self.prefill_chunk), self.prefill_chunk)
+
+    def cache_bytes(self, model: ModelConfig, dtype=jnp.float32) -> int:
+        per_layer = 2 * self.max_slots * self.max_cache_length * model.num_kv_heads * model.head_dim
+        return per_layer * model.num_layers * jnp.dtype(dtype).itemsize
+
+
+def bucket(size: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds `size`."""
+    for b in buckets:
+        if b >= size:
+            return b
+    raise ValueError(f"{size} exceeds the largest bucket {buckets[-1]}")
+
+
+def allocate(model: ModelConfig, config: EngineConfig, dtype=jnp.float32) -> tuple[LayerCache, ...]:
+    return empty_cache(model, config.max_slots, config.max_cache_length, dtype)

@@ -1,0 +1,112 @@
+"""The sampler: pure functions of logits, per-row parameters and per-row keys.
+
+Every row carries its own temperature, top_p, top_k and min_p as traced arrays, so
+one compiled function serves any mix of requests. Each truncation is a threshold on
+the scaled logits; a row samples by inverse CDF over the kept tokens in vocabulary
+order with one uniform number from its own key. The threshold is exact whether it
+came from the top CANDIDATES or from a full sort, so a row's token never depends on
+which path its batch took, nor on its neighbours.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+CANDIDATES = 256  # top-k prefilter width; a full sort runs only when a row needs more
+TOP_LOGPROBS = 20  # the most alternatives a request may ask logprobs for (OpenAI's limit)
+
+
+@flax.struct.dataclass
+class SamplingParams:
+    """Per-row sampling parameters, each of shape [B]."""
+
+    temperature: jax.Array  # Float['B']; 0 = greedy
+    top_p: jax.Array  # Float['B']; 1 = off
+    top_k: jax.Array  # Int['B']; 0 = off
+    min_p: jax.Array  # Float['B']; 0 = off
+
+
+@flax.struct.dataclass
+class Sampled:
+    tokens: jax.Array  # Int['B']
+    logprobs: jax.Array  # Float['B'], of the chosen token under the model's distribution
+    top_tokens: jax.Array  # Int['B TOP_LOGPROBS']
+    top_logprobs: jax.Array  # Float['B TOP_LOGPROBS']
+
+
+def row_keys(seeds: jax.Array, choices: jax.Array, positions: jax.Array) -> jax.Array:
+    """One key per row: PRNGKey(seed) folded with the choice index, then the position.
+
+    seeds: UInt32['B 2'] as (high, low) words, so PRNGKey(seed) for seeds below 2**32.
+    """
+
+    def one(seed, choice, position):
+        key = jax.random.wrap_key_data(seed, impl="threefry2x32")
+        return jax.random.fold_in(jax.random.fold_in(key, choice), position)
+
+    return jax.vmap(one)(seeds, choices, positions)
+
+
+def _thresholds(sorted_desc: jax.Array, log_total: jax.Array, params: SamplingParams) -> jax.Array:
+    """The lowest scaled logit each row keeps, from its top values in descending order.
+
+    sorted_desc: Float['B K'] (K = CANDIDATES or the vocabulary), log_total: Float['B'].
+    """
+    width = sorted_desc.shape[-1]
+    lowest = jnp.full(sorted_desc.shape[:1], -jnp.inf)
+    # top_k: the k-th largest value.
+    kth = jnp.take_along_axis(sorted_desc, jnp.clip(params.top_k - 1, 0, width - 1)[:, None], 1)
+    by_top_k = jnp.where(params.top_k > 0, kth[:, 0], lowest)
+    # top_p: the value at which the cumulative probability first reaches top_p.
+    cumulative = jnp.cumsum(jnp.exp(sorted_desc - log_total[:, None]), axis=-1)
+    cut = jnp.argmax(cumulative >= params.top_p[:, None], axis=-1)
+    by_top_p = jnp.where(
+        params.top_p < 1.0, jnp.take_along_axis(sorted_desc, cut[:, None], 1)[:, 0], lowest
+    )
+    # min_p: probability at least min_p times the top token's.
+    by_min_p = jnp.where(params.min_p > 0, sorted_desc[:, 0] + jnp.log(params.min_p), lowest)
+    return jnp.maximum(jnp.maximum(by_top_k, by_top_p), by_min_p)
+
+
+def _needs_full_sort(top: jax.Array, log_total: jax.Array, params: SamplingParams) -> jax.Array:
+    """True when some row's top_p or top_k reaches past the CANDIDATES prefilter."""
+    mass = jnp.sum(jnp.exp(top - log_total[:, None]), axis=-1)
+    beyond_p = (params.top_p < 1.0) & (mass < params.top_p)
+    beyond_k = params.top_k > top.shape[-1]
+    return jnp.any((beyond_p | beyond_k) & (params.temperature > 0))
+
+
+def sample(logits: jax.Array, params: SamplingParams, keys: jax.Array) -> Sampled:
+    """Next tokens for logits: Float['B V'] with per-row params and keys."""
+    vocab = logits.shape[-1]
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    top_logprobs, top_tokens = jax.lax.top_k(log_probs, min(max(CANDIDATES, TOP_LOGPROBS), vocab))
+
+    temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
+    scaled = logits / temperature
+    log_total = jax.nn.logsumexp(scaled, axis=-1)
+    # Scaling by a positive temperature keeps the order, so the prefilter is reused.
+    top_scaled = jnp.take_along_axis(scaled, top_tokens, axis=-1)
+    threshold = jax.lax.cond(
+        _needs_full_sort(top_scaled, log_total, params),
+        lambda: _thresholds(-jnp.sort(-scaled, axis=-1), log_total, params),
+        lambda: _thresholds(top_scaled, log_total, params),
+    )
+
+    kept = jnp.where(
+        scaled >= threshold[:, None], jnp.exp(scaled - scaled.max(-1, keepdims=True)), 0.0
+    )
+    cdf = jnp.cumsum(kept, axis=-1)
+    uniform = jax.vmap(lambda key: jax.random.uniform(key))(keys)
+    drawn = jnp.sum(cdf <= (uniform * cdf[:, -1])[:, None], axis=-1)
+    drawn = jnp.minimum(drawn, vocab - 1)
+    greedy = jnp.argmax(logits, axis=-1)  # first of equal maxima, as torch does
+    tokens = jnp.where(params.temperature > 0, drawn, greedy).astype(jnp.int32)
+    return Sampled(
+        tokens=tokens,
+        logprobs=jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0],
+        top_tokens=top_tokens[:, :TOP_LOGPROBS].astype(jnp.int32),
+        top_logprobs=top_logprobs[:, :TOP_LOGPROBS],
+    )

@@ -1,0 +1,359 @@
+"""The scheduler: one thread that owns the KV cache and batches every live sequence.
+
+    submit() ─► waiting ─► admit: prefill prompt[:-1] into a free slot, copy it to
+                            the slots of the other n choices
+                        ─► decode step over the occupied prefix of slots
+                        ─► per sequence: detokenize, match stops, EOS, max_tokens
+                        ─► Delta events on the request's queue; finished slots freed
+
+Each sequence enters decoding with its last prompt token as input, so the first
+generated token is sampled by the same decode step, with the same per-row key
+scheme, as every later one. Slots are taken lowest-first so the occupied rows stay a
+short prefix and the decode step runs at the smallest batch bucket that covers them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import secrets
+import threading
+from collections import deque
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+
+from foresight_lab.engine.kv_cache import EngineConfig, allocate, bucket
+from foresight_lab.engine.request import (
+    Completion,
+    Delta,
+    InvalidRequestError,
+    SamplingOptions,
+    TokenLogprob,
+    TopLogprob,
+    collect,
+)
+from foresight_lab.engine.sampler import SamplingParams
+from foresight_lab.engine.step import CompileCounter, Steps
+from foresight_lab.engine.text import CompletionText
+from foresight_lab.models.config import ModelConfig
+
+_DONE = object()
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request (not the request's fault)."""
+
+
+class RequestHandle:
+    """A submitted request: iterate it for Delta events, or wait for `result()`."""
+
+    def __init__(self, prompt_ids: list[int], options: SamplingOptions, seed: int, max_tokens: int):
+        self.prompt_ids = prompt_ids
+        self.options = options
+        self.seed = seed
+        self.max_tokens = max_tokens
+        self.cancelled = threading.Event()
+        self._events: queue.Queue = queue.Queue()
+        self._consumed = False
+
+    def __iter__(self) -> Iterator[Delta]:
+        if self._consumed:
+            raise RuntimeError("a request's events can be read only once")
+        self._consumed = True
+        while True:
+            event = self._events.get()
+            if event is _DONE:
+                return
+            if isinstance(event, BaseException):
+                raise EngineError(f"generation failed: {event}") from event
+            yield event
+
+    def result(self) -> Completion:
+        """Waits for every choice to finish."""
+        return collect(self, self.prompt_ids, self.options.n, self.options.logprobs)
+
+    def cancel(self) -> None:
+        """Stops generating; the slots are freed before the next decode step."""
+        self.cancelled.set()
+
+
+@dataclasses.dataclass
+class _Sequence:
+    """One choice of one request, decoding in one slot."""
+
+    handle: RequestHandle
+    index: int
+    slot: int
+    token: int  # the next decode step's input
+    position: int  # where that token sits
+    text: CompletionText
+    generated: int = 0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        params,
+        tokenizer,
+        eos_token_ids: set[int],
+        config: EngineConfig,
+    ):
+        self.model_config = model_config
+        self.config = config
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        self.params = jax.device_put(params)
+        self.cache = allocate(model_config, config)
+        self.steps = Steps(model_config)
+        self.compiles = CompileCounter()
+        self._waiting: deque[RequestHandle] = deque()
+        self._slots: list[_Sequence | None] = [None] * config.max_slots
+        self._wake = threading.Condition()
+        self._device = threading.Lock()  # the cache is donated: one user at a time
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- the caller's side -------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], options: SamplingOptions) -> RequestHandle:
+        limit = self.config.max_cache_length
+        if not prompt_ids:
+            raise InvalidRequestError("prompt: must not be empty", "prompt")
+        if len(prompt_ids) >= limit:
+            raise InvalidRequestError(
+                f"prompt: {len(prompt_ids)} tokens do not fit the context of {limit} tokens "
+                "(the prompt plus at least one generated token); shorten the prompt",
+                "prompt",
+            )
+        max_tokens = options.max_tokens or limit - len(prompt_ids)
+        if len(prompt_ids) + max_tokens > limit:
+            raise InvalidRequestError(
+                f"max_tokens: the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) "
+                f"exceeds the context of {limit} tokens; ask for at most "
+                f"{limit - len(prompt_ids)} tokens",
+                "max_tokens",
+            )
+        if options.n > self.config.max_slots:
+            raise InvalidRequestError(
+                f"n: {options.n} choices exceed this engine's {self.config.max_slots} slots",
+                "n",
+            )
+        seed = options.seed if options.seed is not None else secrets.randbits(63)
+        handle = RequestHandle(list(prompt_ids), options, seed, max_tokens)
+        with self._wake:
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(
+                    target=self._run, name="foresight-engine", daemon=True
+                )
+                self._thread.start()
+            self._waiting.append(handle)
+            self._wake.notify()
+        return handle
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active_slots(self) -> int:
+        return sum(s is not None for s in self._slots)
+
+    # ---- warm-up -----------------------------------------------------------------
+
+    def shapes(self) -> list[tuple[str, int, int]]:
+        """Every (function, rows or prompt chunk, attended cache length) that can run."""
+        c = self.config
+        prefill = {(p, bucket(p, c.cache_buckets)) for p in c.prefill_buckets}
+        prefill |= {(c.prefill_chunk, kv) for kv in c.cache_buckets if kv > c.prefill_chunk}
+        decode = {(b, kv) for b in c.batch_buckets for kv in c.cache_buckets}
+        return [("prefill", *s) for s in sorted(prefill)] + [("decode", *s) for s in sorted(decode)]
+
+    def compile_shape(self, kind: str, size: int, kv_length: int) -> None:
+        """Runs one shape on idle inputs (every write dropped) so it is compiled."""
+        idle = self.config.max_cache_length
+        with self._device, self.compiles:
+            if kind == "prefill":
+                tokens = np.zeros((1, size), np.int32)
+                positions = np.full((1, size), idle, np.int32)
+                self.cache = self.steps.prefill(
+                    self.params, self.cache, tokens, positions, np.int32(0), kv_length=kv_length
+                )
+            else:
+                inputs = self._decode_inputs([], size)
+                sampled, self.cache = self.steps.decode(
+                    self.params, self.cache, *inputs, kv_length=kv_length
+                )
+                jax.block_until_ready(sampled.tokens)
+            if kind == "prefill" and self.config.max_slots > 1:
+                self.cache = self.steps.copy_row(self.cache, np.int32(0), np.int32(0))
+
+    # ---- the scheduler thread ------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._waiting and not self.active_slots:
+                    self._wake.wait()
+                if self._stopping:
+                    self._fail_all(EngineError("the engine was stopped"))
+                    return
+            try:
+                with self._device, self.compiles:
+                    self._drop_cancelled()
+                    self._admit()
+                    if self.active_slots:
+                        self._decode_step()
+            except Exception as error:  # never let one failure kill the engine
+                self._fail_all(error)
+
+    def _free_slots(self) -> list[int]:
+        return [i for i, s in enumerate(self._slots) if s is None]
+
+    def _admit(self) -> None:
+        while True:
+            with self._wake:
+                if not self._waiting:
+                    return
+                handle = self._waiting[0]
+                if handle.cancelled.is_set():
+                    self._waiting.popleft()
+                    handle._events.put(_DONE)
+                    continue
+                free = self._free_slots()
+                if len(free) < handle.options.n:
+                    return  # first come, first served: wait for slots to free
+                self._waiting.popleft()
+            self._start(handle, free[: handle.options.n])
+
+    def _start(self, handle: RequestHandle, slots: list[int]) -> None:
+        prompt = handle.prompt_ids
+        self._prefill(prompt[:-1], slots[0])
+        for slot in slots[1:]:
+            self.cache = self.steps.copy_row(self.cache, np.int32(slots[0]), np.int32(slot))
+        for index, slot in enumerate(slots):
+            self._slots[slot] = _Sequence(
+                handle=handle,
+                index=index,
+                slot=slot,
+                token=prompt[-1],
+                position=len(prompt) - 1,
+                text=CompletionText(self.tokenizer, handle.options.stop),
+            )
+
+    def _prefill(self, tokens: list[int], slot: int) -> None:
+        c = self.config
+        for start in range(0, len(tokens), c.prefill_chunk):
+            chunk = tokens[start : start + c.prefill_chunk]
+            size = bucket(len(chunk), c.prefill_buckets) if start == 0 else c.prefill_chunk
+            padded = np.zeros((1, size), np.int32)
+            padded[0, : len(chunk)] = chunk
+            positions = np.full((1, size), c.max_cache_length, np.int32)
+            positions[0, : len(chunk)] = np.arange(start, start + len(chunk))
+            kv_length = (
+                bucket(max(start + size, 1), c.cache_buckets)
+                if start
+                else bucket(size, c.cache_buckets)
+            )
+            self.cache = self.steps.prefill(
+                self.params, self.cache, padded, positions, np.int32(slot), kv_length=kv_length
+            )
+
+    def _decode_inputs(self, sequences: list[_Sequence], rows: int):
+        idle = self.config.max_cache_length
+        tokens = np.zeros(rows, np.int32)
+        positions = np.full(rows, idle, np.int32)
+        temperature = np.zeros(rows, np.float32)
+        top_p = np.ones(rows, np.float32)
+        top_k = np.zeros(rows, np.int32)
+        min_p = np.zeros(rows, np.float32)
+        seeds = np.zeros((rows, 2), np.uint32)
+        choices = np.zeros(rows, np.int32)
+        for s in sequences:
+            o = s.handle.options
+            tokens[s.slot], positions[s.slot] = s.token, s.position
+            temperature[s.slot], top_p[s.slot] = o.temperature, o.top_p
+            top_k[s.slot], min_p[s.slot] = o.top_k, o.min_p
+            seed = s.handle.seed % 2**64
+            seeds[s.slot] = (seed >> 32, seed & 0xFFFFFFFF)
+            choices[s.slot] = s.index
+        sampling = SamplingParams(temperature, top_p, top_k, min_p)
+        return tokens, positions, sampling, seeds, choices
+
+    def _decode_step(self) -> None:
+        live = [s for s in self._slots if s is not None]
+        rows = bucket(max(s.slot for s in live) + 1, self.config.batch_buckets)
+        kv_length = bucket(max(s.position for s in live) + 1, self.config.cache_buckets)
+        sampled, self.cache = self.steps.decode(
+            self.params, self.cache, *self._decode_inputs(live, rows), kv_length=kv_length
+        )
+        tokens = np.asarray(sampled.tokens)
+        logprobs = np.asarray(sampled.logprobs)
+        wants_top = any(s.handle.options.top_logprobs for s in live)
+        top_tokens = np.asarray(sampled.top_tokens) if wants_top else None
+        top_logprobs = np.asarray(sampled.top_logprobs) if wants_top else None
+        for s in live:
+            token = int(tokens[s.slot])
+            s.generated += 1
+            s.token, s.position = token, s.position + 1
+            finish = None
+            if token in self.eos_token_ids and not s.handle.options.ignore_eos:
+                text, finish = s.text.finish(), "stop"
+            else:
+                text, stopped = s.text.push(token)
+                if stopped:
+                    finish = "stop"
+                elif s.generated >= s.handle.max_tokens:
+                    text, finish = text + s.text.finish(), "length"
+            logprob = None
+            if s.handle.options.logprobs:
+                top = ()
+                if wants_top and s.handle.options.top_logprobs:
+                    k = s.handle.options.top_logprobs
+                    top = tuple(
+                        TopLogprob(self._token_text(t), int(t), float(lp))
+                        for t, lp in zip(
+                            top_tokens[s.slot, :k], top_logprobs[s.slot, :k], strict=True
+                        )
+                    )
+                logprob = (
+                    TokenLogprob(self._token_text(token), token, float(logprobs[s.slot]), top),
+                )
+            s.handle._events.put(Delta(s.index, text, (token,), logprob, finish))
+            if finish:
+                self._finish(s)
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _finish(self, sequence: _Sequence) -> None:
+        self._slots[sequence.slot] = None
+        if not any(s is not None and s.handle is sequence.handle for s in self._slots):
+            sequence.handle._events.put(_DONE)
+
+    def _drop_cancelled(self) -> None:
+        for s in self._slots:
+            if s is not None and s.handle.cancelled.is_set():
+                s.handle._events.put(Delta(s.index, "", (), None, "cancelled"))
+                self._finish(s)
+
+    def _fail_all(self, error: BaseException) -> None:
+        handles = {id(s.handle): s.handle for s in self._slots if s is not None}
+        with self._wake:
+            handles.update({id(h): h for h in self._waiting})
+            self._waiting.clear()
+        self._slots = [None] * self.config.max_slots
+        for handle in handles.values():
+            handle._events.put(error)
+        # A failed call may have consumed the donated cache: start from a fresh one.
+        self.cache = allocate(self.model_config, self.config)

@@ -1,0 +1,161 @@
+"""The Lab: a loaded model and its engine, as a researcher holds it in a notebook.
+
+lab = fl.load("smollm2-135m")
+lab.generate("The capital of France is", max_tokens=16, temperature=0)
+lab.chat([{"role": "user", "content": "Hi"}], seed=7, n=2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from foresight_lab.engine.engine import Engine
+from foresight_lab.engine.kv_cache import EngineConfig
+from foresight_lab.engine.request import (
+    FORESIGHT_DEFAULT_TEMPERATURE,
+    Completion,
+    Delta,
+    InvalidRequestError,
+    SamplingOptions,
+)
+from foresight_lab.tokenizer import render_chat
+from foresight_lab.weights import registry
+from foresight_lab.weights.loader import LoadedModel, load_model
+
+
+class Lab:
+    """A model ready to sample from. Build one with `foresight_lab.load(...)`."""
+
+    def __init__(self, model: LoadedModel, engine_config: EngineConfig | None = None):
+        self.model = model
+        self.engine = Engine(model, engine_config)
+        self.tokenizer = model.tokenizer
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    def __repr__(self) -> str:
+        c = self.model.config
+        return (
+            f"Lab({self.name!r}, {c.family}, {c.num_layers} layers, hidden {c.hidden_size}, "
+            f"vocab {c.vocab_size}, context {self.engine.config.max_cache_length})"
+        )
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids))
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int | None = 16,
+        temperature: float = FORESIGHT_DEFAULT_TEMPERATURE,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        n: int = 1,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        ignore_eos: bool = False,
+        stream: bool = False,
+    ) -> Completion | Iterator[str] | Iterator[Delta]:
+        """Continues `prompt` (text, or token ids).
+
+        Returns a Completion (`.text`, `.choices`, `.usage`, `.finish_reason`), or with
+        `stream=True` an iterator of text pieces as they are produced (of Delta events,
+        which carry the choice `index`, when n > 1).
+        """
+        if isinstance(prompt, str):
+            prompt_ids = self.tokenize(prompt)
+        elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+            prompt_ids = list(prompt)
+        else:
+            raise InvalidRequestError("prompt: must be a string or a list of token ids", "prompt")
+        options = SamplingOptions(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            n=n,
+            stop=stop,
+            seed=seed,
+            logprobs=logprobs or top_logprobs > 0,
+            top_logprobs=top_logprobs,
+            ignore_eos=ignore_eos,
+        )
+        handle = self.engine.submit(prompt_ids, options)
+        if stream:
+            return _stream(handle, texts_only=n == 1)
+        return handle.result()
+
+    def chat(
+        self,
+        messages: Sequence[dict],
+        *,
+        max_tokens: int | None = None,
+        **sampling,
+    ) -> Completion | Iterator[str] | Iterator[Delta]:
+        """Replies to a conversation, rendered by the model's own chat template.
+
+        Takes the same sampling arguments as `generate`; max_tokens defaults to the
+        rest of the context (the reply ends at the model's end-of-turn token).
+        """
+        _check_messages(messages)
+        prompt = render_chat(self.tokenizer, list(messages))
+        prompt_ids = self.tokenize(prompt, add_special_tokens=False)
+        return self.generate(prompt_ids, max_tokens=max_tokens, **sampling)
+
+    def warmup(self, progress: bool = True) -> Lab:
+        """Compiles every shape the engine can run, so later calls never wait to compile."""
+        self.engine.warmup(progress=progress)
+        return self
+
+
+def _stream(handle, texts_only: bool):
+    try:
+        for delta in handle:
+            if not texts_only:
+                yield delta
+            elif delta.text:
+                yield delta.text
+    finally:
+        handle.cancel()  # a consumer that stops early frees the slots
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise InvalidRequestError("messages: must be a non-empty list of messages", "messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise InvalidRequestError(
+                f"messages[{i}]: each message must be a dict with 'role' and 'content'",
+                f"messages[{i}]",
+            )
+
+
+def load(
+    model: str = registry.DEFAULT_MODEL,
+    *,
+    max_slots: int = 8,
+    max_cache_length: int = 2048,
+    progress: bool = True,
+    warmup: bool = False,
+) -> Lab:
+    """Loads MODEL (a built-in alias, a .gguf file, or a Hugging Face directory).
+
+    max_slots sequences decode together (n choices each take one); max_cache_length
+    tokens (prompt plus completion) fit each. Together they fix the KV cache budget.
+    """
+    loaded = load_model(model, progress=progress)
+    max_cache_length = min(max_cache_length, loaded.config.max_position_embeddings)
+    lab = Lab(loaded, EngineConfig(max_slots=max_slots, max_cache_length=max_cache_length))
+    if warmup:
+        lab.warmup(progress=progress)
+    return lab

@@ -1,0 +1,52 @@
+"""MODEL (alias, .gguf file or Hugging Face directory) -> LoadedModel."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+from tqdm.auto import tqdm
+
+from foresight_lab.models.config import ModelConfig
+from foresight_lab.tokenizer import eos_token_ids, load_tokenizer
+from foresight_lab.weights import registry
+from foresight_lab.weights.gguf import count_tensors, read_gguf
+from foresight_lab.weights.safetensors import read_hf_directory
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """Everything the engine needs from a checkpoint."""
+
+    name: str  # the id it is served as
+    config: ModelConfig
+    params: dict  # the decoder's parameter pytree, float32 numpy arrays
+    tokenizer: object  # a transformers tokenizer
+    eos_token_ids: frozenset[int]
+    path: pathlib.Path | None = None
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None)
+
+
+def load_model(model: str = registry.DEFAULT_MODEL, *, progress: bool = True) -> LoadedModel:
+    """Resolves MODEL (fetching a built-in alias on first use) and reads its weights."""
+    path = registry.resolve(str(model), progress=progress)
+    if path.is_file():
+        total = count_tensors(path)
+        with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress) as bar:
+            config, params, metadata = read_gguf(path, on_tensor=lambda _: bar.update())
+    else:
+        metadata = None
+        with tqdm(desc="Loading weights", unit="tensor", disable=not progress) as bar:
+            config, params = read_hf_directory(path, on_tensor=lambda _: bar.update())
+    tokenizer = load_tokenizer(path)
+    return LoadedModel(
+        name=registry.served_name(str(model)),
+        config=config,
+        params=params,
+        tokenizer=tokenizer,
+        eos_token_ids=eos_token_ids(tokenizer, path, metadata),
+        path=path,
+    )

@@ -1,0 +1,206 @@
+"""The engine on a tiny random Llama: determinism, batching, stops, limits, compilations."""
+
+import dataclasses
+import time
+
+import pytest
+
+from foresight_lab import InvalidRequestError
+from foresight_lab.engine.kv_cache import EngineConfig
+from foresight_lab.lab import Lab
+
+PROMPT = [5, 17, 42, 99, 7, 250, 3]
+OTHER_PROMPTS = [[1, 2, 3], list(range(40, 100)), [300, 12, 8, 8, 9], list(range(100, 130))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def warm(tiny_lab):
+    tiny_lab.warmup(progress=False)
+
+
+def run_concurrently(lab, requests):
+    """Submits every (prompt, options) at once so they share decode steps; returns results."""
+    handles = [lab.engine.submit(prompt, options) for prompt, options in requests]
+    return [h.result() for h in handles]
+
+
+def options(**kwargs):
+    from foresight_lab.engine.request import SamplingOptions
+
+    return SamplingOptions(**{"max_tokens": 12, **kwargs})
+
+
+def test_greedy_ignores_the_seed(tiny_lab):
+    a = tiny_lab.generate(PROMPT, temperature=0, max_tokens=12, seed=1)
+    b = tiny_lab.generate(PROMPT, temperature=0, max_tokens=12, seed=2)
+    assert a.token_ids == b.token_ids
+    assert len(a.token_ids) == 12
+
+
+def test_same_seed_same_tokens(tiny_lab):
+    a = tiny_lab.generate(PROMPT, temperature=1.0, max_tokens=12, seed=11)
+    b = tiny_lab.generate(PROMPT, temperature=1.0, max_tokens=12, seed=11)
+    assert a.token_ids == b.token_ids
+
+
+def test_different_seeds_give_different_tokens(tiny_lab):
+    runs = {
+        tuple(tiny_lab.generate(PROMPT, temperature=1.0, max_tokens=12, seed=s).token_ids)
+        for s in range(4)
+    }
+    assert len(runs) == 4
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [dict(temperature=0), dict(temperature=0.9, top_p=0.9, top_k=50, min_p=0.02, seed=3)],
+)
+def test_same_tokens_alone_and_batched_beside_other_requests(tiny_lab, sampling):
+    alone = tiny_lab.engine.submit(PROMPT, options(**sampling)).result()
+    others = [
+        (p, options(temperature=1.0, seed=i, max_tokens=20)) for i, p in enumerate(OTHER_PROMPTS)
+    ]
+    batched = run_concurrently(tiny_lab, [*others[:2], (PROMPT, options(**sampling)), *others[2:]])
+    assert batched[2].token_ids == alone.token_ids
+
+
+def test_each_choice_of_n_is_the_request_with_that_index(tiny_lab):
+    many = tiny_lab.generate(PROMPT, temperature=1.0, max_tokens=12, seed=21, n=3)
+    single = tiny_lab.generate(PROMPT, temperature=1.0, max_tokens=12, seed=21, n=1)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert many.choices[0].token_ids == single.token_ids
+    assert len({tuple(c.token_ids) for c in many.choices}) == 3
+    again = tiny_lab.generate(PROMPT, temperature=1.0, max_tokens=12, seed=21, n=3)
+    assert [c.token_ids for c in again.choices] == [c.token_ids for c in many.choices]
+    assert many.usage.completion_tokens == 36 and many.usage.prompt_tokens == len(PROMPT)
+
+
+def test_streamed_text_equals_the_completion(tiny_lab):
+    text = "".join(tiny_lab.generate("the quick brown", temperature=0, max_tokens=20, stream=True))
+    assert text == tiny_lab.generate("the quick brown", temperature=0, max_tokens=20).text
+
+
+def test_no_compilation_after_warmup_for_any_request_mix(tiny_lab):
+    before = tiny_lab.engine.compile_count
+    assert before > 0
+    requests = [
+        (list(range(1, length + 1)), options(**sampling))
+        for length, sampling in [
+            (1, dict(temperature=0, max_tokens=3)),
+            (15, dict(temperature=0.7, top_p=0.5, seed=1, n=2)),
+            (33, dict(temperature=1.3, top_k=5, seed=2, max_tokens=40)),
+            (64, dict(temperature=0.2, min_p=0.1, seed=3, n=3)),
+            (150, dict(temperature=1.0, top_p=0.99, top_k=300, seed=4, max_tokens=100)),
+            (2, dict(temperature=2.0, seed=5, logprobs=True, top_logprobs=5)),
+        ]
+    ]
+    run_concurrently(tiny_lab, requests)
+    for prompt, o in requests:
+        tiny_lab.engine.submit(prompt, o).result()
+    assert tiny_lab.engine.compile_count == before
+
+
+def test_stop_string_split_across_tokens_is_found_and_cut(tiny_lab):
+    sampling = dict(temperature=1.0, seed=5, max_tokens=40)
+    free = tiny_lab.generate("hello world", **sampling)
+    pieces = [tiny_lab.detokenize([t]) for t in free.token_ids]
+    whole = [p != "" and "\ufffd" not in p for p in pieces]
+    # A stop made of the end of one token and the start of the next.
+    i = next(i for i in range(3, len(pieces) - 1) if whole[i] and whole[i + 1])
+    stop = pieces[i][-1] + pieces[i + 1][0]
+    expected = free.text[: free.text.index(stop)]
+    stopped = tiny_lab.generate("hello world", **sampling, stop=[stop, "never-there"])
+    assert stopped.text == expected
+    assert stopped.finish_reason == "stop"
+    assert stopped.usage.completion_tokens <= i + 2 < 40
+    streamed = "".join(tiny_lab.generate("hello world", **sampling, stop=stop, stream=True))
+    assert streamed == expected
+
+
+def test_max_tokens_gives_finish_reason_length_and_usage(tiny_lab):
+    out = tiny_lab.generate(PROMPT, temperature=0, max_tokens=5)
+    assert out.finish_reason == "length"
+    assert out.usage.prompt_tokens == len(PROMPT)
+    assert out.usage.completion_tokens == 5 == len(out.token_ids)
+    assert out.usage.total_tokens == len(PROMPT) + 5
+
+
+def test_eos_ends_a_choice_with_finish_reason_stop(tiny_lab):
+    free = tiny_lab.generate(PROMPT, temperature=0, max_tokens=10)
+    eos = free.token_ids[3]
+    first = free.token_ids.index(eos)
+    model = dataclasses.replace(tiny_lab.model, eos_token_ids=frozenset({eos}))
+    lab = Lab(model, EngineConfig(max_slots=1, max_cache_length=64))
+    try:
+        out = lab.generate(PROMPT, temperature=0, max_tokens=10)
+    finally:
+        lab.engine.shutdown()
+    assert out.finish_reason == "stop"
+    assert out.token_ids == free.token_ids[: first + 1]
+    assert out.usage.completion_tokens == first + 1
+
+
+def test_logprobs_of_chosen_and_top_tokens(tiny_lab):
+    out = tiny_lab.generate(PROMPT, temperature=0, max_tokens=6, logprobs=True, top_logprobs=4)
+    entries = out.choices[0].logprobs
+    assert [e.token_id for e in entries] == out.token_ids
+    for e in entries:
+        assert len(e.top_logprobs) == 4
+        assert e.top_logprobs[0].token_id == e.token_id  # greedy picks the most likely
+        assert e.logprob == pytest.approx(e.top_logprobs[0].logprob)
+        values = [t.logprob for t in e.top_logprobs]
+        assert values == sorted(values, reverse=True) and values[0] <= 0
+    assert tiny_lab.generate(PROMPT, max_tokens=2).choices[0].logprobs is None
+
+
+def test_a_cancelled_stream_frees_its_slot(tiny_lab):
+    stream = tiny_lab.generate(PROMPT, temperature=1.0, max_tokens=200, seed=1, n=2, stream=True)
+    next(stream)
+    assert tiny_lab.engine.active_slots == 2
+    stream.close()
+    deadline = time.monotonic() + 10
+    while tiny_lab.engine.active_slots and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert tiny_lab.engine.active_slots == 0
+
+
+def test_requests_beyond_the_slots_wait_their_turn(tiny_lab):
+    results = run_concurrently(tiny_lab, [(PROMPT, options(n=5, temperature=0))] * 3)
+    assert all(len(r.choices) == 5 for r in results)
+    assert all(c.token_ids == results[0].choices[0].token_ids for r in results for c in r.choices)
+
+
+def test_chat_renders_the_model_template(tiny_lab):
+    out = tiny_lab.chat([{"role": "user", "content": "hello"}], temperature=0, max_tokens=4)
+    rendered = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    assert out.usage.prompt_tokens == len(tiny_lab.tokenize(rendered, add_special_tokens=False))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(temperature=2.5), "temperature"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(n=0), "n"),
+        (dict(n=9), "n"),  # beyond the engine's 8 slots
+        (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
+        (dict(stop=[""]), "stop"),
+        (dict(top_k=-3), "top_k"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(max_tokens=300), "max_tokens"),  # beyond the 256-token context
+        (dict(top_logprobs=21), "top_logprobs"),
+    ],
+)
+def test_bad_arguments_name_the_field(tiny_lab, kwargs, field):
+    with pytest.raises(InvalidRequestError) as error:
+        tiny_lab.generate(PROMPT, **kwargs)
+    assert error.value.param == field
+    assert field in str(error.value)
+
+
+def test_a_prompt_longer_than_the_context_is_refused(tiny_lab):
+    with pytest.raises(InvalidRequestError, match="shorten the prompt"):
+        tiny_lab.generate(list(range(256)), max_tokens=1)

@@ -1,0 +1,56 @@
+"""The real SmolLM2-135M-Instruct GGUF, read by this project, against transformers on PyTorch."""
+
+import pytest
+import torch
+import transformers
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+]
+
+
+@pytest.fixture(scope="module")
+def torch_model(smollm2_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+def torch_greedy(model, prompt_ids: list[int], steps: int) -> list[int]:
+    """Plain argmax decoding, whatever the token (EOS included), with PyTorch."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt_ids) :]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_continuation_matches_transformers_token_for_token(smollm2_lab, torch_model, prompt):
+    prompt_ids = smollm2_lab.tokenize(prompt)
+    out = smollm2_lab.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True)
+    assert out.token_ids == torch_greedy(torch_model, prompt_ids, 32)
+
+
+def test_chat_reply_through_the_template_is_sensible_english(smollm2_lab):
+    reply = smollm2_lab.chat(
+        [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        temperature=0,
+        max_tokens=48,
+    )
+    assert reply.finish_reason == "stop"  # the model ended its turn with <|im_end|>
+    assert "Paris" in reply.text
+    words = reply.text.split()
+    assert len(words) >= 3 and all(w.strip(".,!'\"").isalpha() for w in words[:5])
+
+
+def test_the_chat_template_is_the_models_own(smollm2_lab):
+    assert "<|im_start|>" in smollm2_lab.model.chat_template
+    assert smollm2_lab.tokenizer.convert_ids_to_tokens(sorted(smollm2_lab.model.eos_token_ids)) == [
+        "<|im_end|>"
+    ]
