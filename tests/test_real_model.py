@@ -54,3 +54,21 @@ def test_the_chat_template_is_the_models_own(smollm2_lab):
     assert smollm2_lab.tokenizer.convert_ids_to_tokens(sorted(smollm2_lab.model.eos_token_ids)) == [
         "<|im_end|>"
     ]
+
+
+def test_the_saved_tokenizer_encodes_like_the_one_built_from_gguf(smollm2_path):
+    from foresight_lab.tokenizer import load_tokenizer
+
+    built = transformers.AutoTokenizer.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name
+    )
+    load_tokenizer(smollm2_path)  # saves it, if no earlier load did
+    saved = load_tokenizer(smollm2_path)
+    messages = [{"role": "user", "content": "Héllo 🙂, what is 2+2?"}]
+    for text in ["The capital of France is", " naïve café — 東京 🙂\n\tend", "<|im_start|>user"]:
+        assert saved.encode(text) == built.encode(text)
+    assert saved.chat_template == built.chat_template
+    assert saved.apply_chat_template(messages, tokenize=False) == built.apply_chat_template(
+        messages, tokenize=False
+    )
+    assert (saved.eos_token_id, saved.bos_token_id) == (built.eos_token_id, built.bos_token_id)

@@ -82,7 +82,10 @@ def sample(logits: jax.Array, params: SamplingParams, keys: jax.Array) -> Sample
     """Next tokens for logits: Float['B V'] with per-row params and keys."""
     vocab = logits.shape[-1]
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    top_logprobs, top_tokens = jax.lax.top_k(log_probs, min(max(CANDIDATES, TOP_LOGPROBS), vocab))
+    # Two top_k calls, not one sliced: XLA's CPU backend keeps a fast TopK only while
+    # its outputs are used whole, and falls back to a full sort otherwise.
+    _, top_tokens = jax.lax.top_k(logits, min(CANDIDATES, vocab))
+    report_logits, report_tokens = jax.lax.top_k(logits, min(TOP_LOGPROBS, vocab))
 
     temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
     scaled = logits / temperature
@@ -107,6 +110,6 @@ def sample(logits: jax.Array, params: SamplingParams, keys: jax.Array) -> Sample
     return Sampled(
         tokens=tokens,
         logprobs=jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0],
-        top_tokens=top_tokens[:, :TOP_LOGPROBS].astype(jnp.int32),
-        top_logprobs=top_logprobs[:, :TOP_LOGPROBS],
+        top_tokens=report_tokens.astype(jnp.int32),
+        top_logprobs=report_logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True),
     )
