@@ -62,6 +62,9 @@ class Lab:
         seed: int | None = None,
         logprobs: bool = False,
         top_logprobs: int = 0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        prompt_logprobs: int | None = None,
         ignore_eos: bool = False,
         stream: bool = False,
     ) -> Completion | Iterator[str] | Iterator[Delta]:
@@ -88,6 +91,9 @@ class Lab:
             seed=seed,
             logprobs=logprobs or top_logprobs > 0,
             top_logprobs=top_logprobs,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            prompt_logprobs=prompt_logprobs,
             ignore_eos=ignore_eos,
         )
         handle = self.engine.submit(prompt_ids, options)

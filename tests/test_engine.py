@@ -92,6 +92,8 @@ def test_no_compilation_after_warmup_for_any_request_mix(tiny_lab):
             (64, dict(temperature=0.2, min_p=0.1, seed=3, n=3)),
             (150, dict(temperature=1.0, top_p=0.99, top_k=300, seed=4, max_tokens=100)),
             (2, dict(temperature=2.0, seed=5, logprobs=True, top_logprobs=5)),
+            (70, dict(temperature=0.5, seed=6, presence_penalty=1.0, prompt_logprobs=3)),
+            (9, dict(temperature=0, frequency_penalty=-0.5, prompt_logprobs=0, stop=["e", "th"])),
         ]
     ]
     run_concurrently(tiny_lab, requests)
@@ -204,3 +206,75 @@ def test_bad_arguments_name_the_field(tiny_lab, kwargs, field):
 def test_a_prompt_longer_than_the_context_is_refused(tiny_lab):
     with pytest.raises(InvalidRequestError, match="shorten the prompt"):
         tiny_lab.generate(list(range(256)), max_tokens=1)
+
+
+def test_frequency_penalty_reduces_repetition(tiny_lab):
+    plain = tiny_lab.generate(PROMPT, temperature=0, max_tokens=40)
+    penalized = tiny_lab.generate(PROMPT, temperature=0, max_tokens=40, frequency_penalty=2.0)
+    assert len(set(penalized.token_ids)) > len(set(plain.token_ids))
+
+
+def test_prompt_logprobs_score_each_prompt_token(tiny_lab):
+    out = tiny_lab.generate(PROMPT, temperature=0, max_tokens=3, prompt_logprobs=2)
+    scores = out.prompt_logprobs
+    assert len(scores) == len(PROMPT) and scores[0] is None
+    assert [s.token_id for s in scores[1:]] == PROMPT[1:]
+    assert all(s.logprob <= 0 and len(s.top_logprobs) == 2 for s in scores[1:])
+    # Scoring the prompt does not change what is generated.
+    assert out.token_ids == tiny_lab.generate(PROMPT, temperature=0, max_tokens=3).token_ids
+
+
+def test_prompt_logprobs_agree_with_the_decode_path(tiny_lab):
+    """The logprob the prefill gives prompt token i+1 equals the one decoding gave it."""
+    out = tiny_lab.generate(PROMPT, temperature=0, max_tokens=5, logprobs=True)
+    extended = PROMPT + out.token_ids[:4]
+    scored = tiny_lab.generate(extended, temperature=0, max_tokens=1, prompt_logprobs=0)
+    for generated, rescored in zip(
+        out.choices[0].logprobs[:4], scored.prompt_logprobs[len(PROMPT) :], strict=True
+    ):
+        assert rescored.token_id == generated.token_id
+        assert rescored.logprob == pytest.approx(generated.logprob, abs=1e-4)
+
+
+def test_async_iteration_does_not_block_the_event_loop(tiny_lab):
+    import asyncio
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        task = asyncio.create_task(ticker())
+        handle = tiny_lab.engine.submit(PROMPT, options(temperature=0, max_tokens=30))
+        completion = await handle.aresult()
+        task.cancel()
+        return completion, ticks
+
+    completion, ticks = asyncio.run(main())
+    assert completion.token_ids == tiny_lab.generate(PROMPT, temperature=0, max_tokens=30).token_ids
+    assert ticks > 5
+
+
+def test_a_full_queue_refuses_new_requests_until_it_drains():
+    from foresight_lab.engine.request import QueueFullError
+    from tests.tiny import tiny_loaded_model
+
+    lab = Lab(
+        tiny_loaded_model("llama"), EngineConfig(max_slots=1, max_cache_length=64, max_queue=2)
+    )
+    try:
+        handles = [
+            lab.engine.submit(PROMPT, options(temperature=0, max_tokens=40)) for _ in range(2)
+        ]
+        with pytest.raises(QueueFullError):
+            for _ in range(3):  # the first may already have left the queue for a slot
+                handles.append(lab.engine.submit(PROMPT, options(temperature=0, max_tokens=40)))
+        results = [h.result() for h in handles]
+        assert all(r.token_ids == results[0].token_ids for r in results)
+        assert lab.engine.submit(PROMPT, options(temperature=0, max_tokens=2)).result()
+    finally:
+        lab.engine.shutdown()

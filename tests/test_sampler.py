@@ -6,20 +6,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from foresight_lab.engine.sampler import CANDIDATES, SamplingParams, row_keys, sample
+from foresight_lab.engine.sampler import (
+    CANDIDATES,
+    SamplingParams,
+    apply_penalties,
+    row_keys,
+    sample,
+)
 
 ROWS = 4000  # many rows of the same logits = many independent draws in one call
 
 sample_jit = jax.jit(sample)
 
 
-def params(rows, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0):
+def params(rows, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, presence=0.0, frequency=0.0):
     full = lambda value, dtype: jnp.full(rows, value, dtype)
     return SamplingParams(
         full(temperature, jnp.float32),
         full(top_p, jnp.float32),
         full(top_k, jnp.int32),
         full(min_p, jnp.float32),
+        full(presence, jnp.float32),
+        full(frequency, jnp.float32),
     )
 
 
@@ -105,3 +113,19 @@ def test_keys_differ_by_seed_choice_and_position():
     assert len(data) == 4
     same = row_keys(seeds[:1], jnp.asarray([0]), jnp.asarray([5]))
     assert np.array_equal(jax.random.key_data(same[0]), jax.random.key_data(k[0]))
+
+
+def test_penalties_lower_the_logits_of_generated_tokens():
+    logits = jnp.zeros((1, 4))
+    counts = jnp.asarray([[0, 1, 3, 0]])
+    penalized = apply_penalties(logits, counts, params(1, presence=0.5, frequency=0.25))
+    np.testing.assert_allclose(penalized, [[0.0, -0.75, -1.25, 0.0]])
+
+
+def test_a_strong_presence_penalty_steers_greedy_away_from_repeats():
+    counts = jnp.asarray([[1, 0, 0, 0, 0, 0]])
+    logits = jnp.asarray([LOGITS], jnp.float32)
+    plain = sample_jit(logits, params(1, temperature=0.0), keys(1), counts)
+    steered = sample_jit(logits, params(1, temperature=0.0, presence=2.0), keys(1), counts)
+    assert int(plain.tokens[0]) == 0 and int(steered.tokens[0]) == 1
+    np.testing.assert_allclose(steered.logprobs, jax.nn.log_softmax(logits)[0, 1], rtol=1e-6)

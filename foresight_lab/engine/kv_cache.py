@@ -33,6 +33,7 @@ class EngineConfig:
     prefill_chunk: int = 512  # longest prompt piece prefilled in one call
     min_cache_bucket: int = 128
     min_prefill_bucket: int = 16
+    max_queue: int = 256  # requests waiting for slots before submit() refuses more
 
     def __post_init__(self):
         if self.max_slots < 1 or self.max_cache_length < 2:

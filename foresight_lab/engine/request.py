@@ -24,6 +24,14 @@ class InvalidRequestError(ValueError):
         self.param = param
 
 
+class QueueFullError(RuntimeError):
+    """The engine's waiting queue is full; try again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 def _check(condition: bool, param: str, message: str) -> None:
     if not condition:
         raise InvalidRequestError(f"{param}: {message}", param)
@@ -52,6 +60,10 @@ class SamplingOptions:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False  # keep generating past end-of-sequence (benchmarks, tests)
+    # Subtracted from a token's logit: once if it was generated before, and per time.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    prompt_logprobs: int | None = None  # logprobs of the prompt's tokens, with k alternatives
 
     def __post_init__(self):
         stop = self.stop
@@ -97,6 +109,19 @@ class SamplingOptions:
             "stop",
             "each stop sequence must be a non-empty string",
         )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(
+                _is_number(value) and -2 <= value <= 2,
+                name,
+                f"must be between -2 and 2, got {value!r}",
+            )
+        if self.prompt_logprobs is not None:
+            _check(
+                _is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS,
+                "prompt_logprobs",
+                f"must be a whole number from 0 to {MAX_TOP_LOGPROBS}, got {self.prompt_logprobs!r}",
+            )
         if self.seed is not None:
             _check(_is_int(self.seed), "seed", f"must be a whole number, got {self.seed!r}")
         _check(
@@ -160,6 +185,7 @@ class Completion:
     choices: list[Choice]
     usage: Usage
     prompt_token_ids: list[int]
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when asked: None for the first
 
     @property
     def text(self) -> str:

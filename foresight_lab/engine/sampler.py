@@ -26,6 +26,8 @@ class SamplingParams:
     top_p: jax.Array  # Float['B']; 1 = off
     top_k: jax.Array  # Int['B']; 0 = off
     min_p: jax.Array  # Float['B']; 0 = off
+    presence_penalty: jax.Array  # Float['B']; subtracted once from generated tokens' logits
+    frequency_penalty: jax.Array  # Float['B']; subtracted per time a token was generated
 
 
 @flax.struct.dataclass
@@ -78,14 +80,30 @@ def _needs_full_sort(top: jax.Array, log_total: jax.Array, params: SamplingParam
     return jnp.any((beyond_p | beyond_k) & (params.temperature > 0))
 
 
-def sample(logits: jax.Array, params: SamplingParams, keys: jax.Array) -> Sampled:
-    """Next tokens for logits: Float['B V'] with per-row params and keys."""
+def apply_penalties(logits: jax.Array, counts: jax.Array, params: SamplingParams) -> jax.Array:
+    """OpenAI's presence and frequency penalties; counts: Int['B V'] of generated tokens."""
+    presence = params.presence_penalty[:, None] * (counts > 0)
+    frequency = params.frequency_penalty[:, None] * counts
+    return logits - presence - frequency
+
+
+def sample(
+    logits: jax.Array, params: SamplingParams, keys: jax.Array, counts: jax.Array | None = None
+) -> Sampled:
+    """Next tokens for logits: Float['B V'] with per-row params and keys.
+
+    Reported logprobs are the model's own; penalties (with counts) and the
+    temperature and truncations shape only which token is drawn.
+    """
     vocab = logits.shape[-1]
     log_probs = jax.nn.log_softmax(logits, axis=-1)
+    report_logits, report_tokens = jax.lax.top_k(logits, min(TOP_LOGPROBS, vocab))
+    raw_log_total = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    if counts is not None:
+        logits = apply_penalties(logits, counts, params)
     # Two top_k calls, not one sliced: XLA's CPU backend keeps a fast TopK only while
     # its outputs are used whole, and falls back to a full sort otherwise.
     _, top_tokens = jax.lax.top_k(logits, min(CANDIDATES, vocab))
-    report_logits, report_tokens = jax.lax.top_k(logits, min(TOP_LOGPROBS, vocab))
 
     temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
     scaled = logits / temperature
@@ -111,5 +129,5 @@ def sample(logits: jax.Array, params: SamplingParams, keys: jax.Array) -> Sample
         tokens=tokens,
         logprobs=jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0],
         top_tokens=report_tokens.astype(jnp.int32),
-        top_logprobs=report_logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True),
+        top_logprobs=report_logits - raw_log_total,
     )

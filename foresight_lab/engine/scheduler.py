@@ -15,68 +15,28 @@ short prefix and the decode step runs at the smallest batch bucket that covers t
 from __future__ import annotations
 
 import dataclasses
-import queue
 import secrets
 import threading
 from collections import deque
-from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from foresight_lab.engine.handle import DONE, EngineError, RequestHandle
 from foresight_lab.engine.kv_cache import EngineConfig, allocate, bucket
 from foresight_lab.engine.request import (
-    Completion,
     Delta,
     InvalidRequestError,
+    QueueFullError,
     SamplingOptions,
     TokenLogprob,
     TopLogprob,
-    collect,
 )
 from foresight_lab.engine.sampler import SamplingParams
 from foresight_lab.engine.step import CompileCounter, Steps
 from foresight_lab.engine.text import CompletionText
 from foresight_lab.models.config import ModelConfig
-
-_DONE = object()
-
-
-class EngineError(RuntimeError):
-    """The engine failed while running a request (not the request's fault)."""
-
-
-class RequestHandle:
-    """A submitted request: iterate it for Delta events, or wait for `result()`."""
-
-    def __init__(self, prompt_ids: list[int], options: SamplingOptions, seed: int, max_tokens: int):
-        self.prompt_ids = prompt_ids
-        self.options = options
-        self.seed = seed
-        self.max_tokens = max_tokens
-        self.cancelled = threading.Event()
-        self._events: queue.Queue = queue.Queue()
-        self._consumed = False
-
-    def __iter__(self) -> Iterator[Delta]:
-        if self._consumed:
-            raise RuntimeError("a request's events can be read only once")
-        self._consumed = True
-        while True:
-            event = self._events.get()
-            if event is _DONE:
-                return
-            if isinstance(event, BaseException):
-                raise EngineError(f"generation failed: {event}") from event
-            yield event
-
-    def result(self) -> Completion:
-        """Waits for every choice to finish."""
-        return collect(self, self.prompt_ids, self.options.n, self.options.logprobs)
-
-    def cancel(self) -> None:
-        """Stops generating; the slots are freed before the next decode step."""
-        self.cancelled.set()
 
 
 @dataclasses.dataclass
@@ -107,6 +67,7 @@ class Scheduler:
         self.eos_token_ids = set(eos_token_ids)
         self.params = jax.device_put(params)
         self.cache = allocate(model_config, config)
+        self.counts = jnp.zeros((config.max_slots, model_config.vocab_size), jnp.int32)
         self.steps = Steps(model_config)
         self.compiles = CompileCounter()
         self._waiting: deque[RequestHandle] = deque()
@@ -144,6 +105,11 @@ class Scheduler:
         seed = options.seed if options.seed is not None else secrets.randbits(63)
         handle = RequestHandle(list(prompt_ids), options, seed, max_tokens)
         with self._wake:
+            if len(self._waiting) >= self.config.max_queue:
+                raise QueueFullError(
+                    f"the engine's queue is full ({self.config.max_queue} requests waiting); "
+                    "retry shortly"
+                )
             if self._thread is None or not self._thread.is_alive():
                 self._stopping = False
                 self._thread = threading.Thread(
@@ -171,32 +137,54 @@ class Scheduler:
 
     # ---- warm-up -----------------------------------------------------------------
 
+    def _prefill_plan(self, length: int) -> list[tuple[int, int, int]]:
+        """(start, padded size, attended cache length) of each chunk of a `length`-token prefill."""
+        c = self.config
+        plan = []
+        for start in range(0, length, c.prefill_chunk):
+            real = min(c.prefill_chunk, length - start)
+            size = bucket(real, c.prefill_buckets) if start == 0 else c.prefill_chunk
+            kv_length = bucket(min(start + size, c.max_cache_length), c.cache_buckets)
+            plan.append((start, size, kv_length))
+        return plan
+
     def shapes(self) -> list[tuple[str, int, int]]:
         """Every (function, rows or prompt chunk, attended cache length) that can run."""
         c = self.config
-        prefill = {(p, bucket(p, c.cache_buckets)) for p in c.prefill_buckets}
-        prefill |= {(c.prefill_chunk, kv) for kv in c.cache_buckets if kv > c.prefill_chunk}
+        prefill = {
+            chunk[1:] for n in range(1, c.max_cache_length) for chunk in self._prefill_plan(n)
+        }
         decode = {(b, kv) for b in c.batch_buckets for kv in c.cache_buckets}
-        return [("prefill", *s) for s in sorted(prefill)] + [("decode", *s) for s in sorted(decode)]
+        return [
+            *(("prefill", *shape) for shape in sorted(prefill)),
+            *(("prefill_logprobs", *shape) for shape in sorted(prefill)),
+            *(("decode", *shape) for shape in sorted(decode)),
+        ]
 
     def compile_shape(self, kind: str, size: int, kv_length: int) -> None:
         """Runs one shape on idle inputs (every write dropped) so it is compiled."""
-        idle = self.config.max_cache_length
+        idle = np.full((1, size), self.config.max_cache_length, np.int32)
+        zeros = np.zeros((1, size), np.int32)
         with self._device, self.compiles:
             if kind == "prefill":
-                tokens = np.zeros((1, size), np.int32)
-                positions = np.full((1, size), idle, np.int32)
                 self.cache = self.steps.prefill(
-                    self.params, self.cache, tokens, positions, np.int32(0), kv_length=kv_length
+                    self.params, self.cache, zeros, idle, np.int32(0), kv_length=kv_length
+                )
+                self.cache = self.steps.copy_row(self.cache, np.int32(0), np.int32(0))
+                self.counts = self.steps.clear_counts(self.counts, np.int32(0))
+            elif kind == "prefill_logprobs":
+                self.cache, *_ = self.steps.prefill_with_logprobs(
+                    self.params, self.cache, zeros, idle, np.int32(0), zeros, kv_length=kv_length
                 )
             else:
-                inputs = self._decode_inputs([], size)
-                sampled, self.cache = self.steps.decode(
-                    self.params, self.cache, *inputs, kv_length=kv_length
+                sampled, self.cache, self.counts = self.steps.decode(
+                    self.params,
+                    self.cache,
+                    self.counts,
+                    *self._decode_inputs([], size),
+                    kv_length=kv_length,
                 )
                 jax.block_until_ready(sampled.tokens)
-            if kind == "prefill" and self.config.max_slots > 1:
-                self.cache = self.steps.copy_row(self.cache, np.int32(0), np.int32(0))
 
     # ---- the scheduler thread ------------------------------------------------------
 
@@ -228,7 +216,7 @@ class Scheduler:
                 handle = self._waiting[0]
                 if handle.cancelled.is_set():
                     self._waiting.popleft()
-                    handle._events.put(_DONE)
+                    handle.put(DONE)
                     continue
                 free = self._free_slots()
                 if len(free) < handle.options.n:
@@ -238,10 +226,11 @@ class Scheduler:
 
     def _start(self, handle: RequestHandle, slots: list[int]) -> None:
         prompt = handle.prompt_ids
-        self._prefill(prompt[:-1], slots[0])
+        handle.prompt_logprobs = self._prefill(prompt, slots[0], handle.options.prompt_logprobs)
         for slot in slots[1:]:
             self.cache = self.steps.copy_row(self.cache, np.int32(slots[0]), np.int32(slot))
         for index, slot in enumerate(slots):
+            self.counts = self.steps.clear_counts(self.counts, np.int32(slot))
             self._slots[slot] = _Sequence(
                 handle=handle,
                 index=index,
@@ -251,23 +240,48 @@ class Scheduler:
                 text=CompletionText(self.tokenizer, handle.options.stop),
             )
 
-    def _prefill(self, tokens: list[int], slot: int) -> None:
-        c = self.config
-        for start in range(0, len(tokens), c.prefill_chunk):
-            chunk = tokens[start : start + c.prefill_chunk]
-            size = bucket(len(chunk), c.prefill_buckets) if start == 0 else c.prefill_chunk
-            padded = np.zeros((1, size), np.int32)
-            padded[0, : len(chunk)] = chunk
-            positions = np.full((1, size), c.max_cache_length, np.int32)
+    def _prefill(self, prompt: list[int], slot: int, top_logprobs: int | None):
+        """Writes the keys and values of all prompt tokens but the last into `slot`; with
+        top_logprobs, returns each prompt token's logprob (None for the first)."""
+        logprobs: list[TokenLogprob | None] | None = None if top_logprobs is None else [None]
+        for start, size, kv_length in self._prefill_plan(len(prompt) - 1):
+            chunk = prompt[start : start + size]
+            tokens = np.zeros((1, size), np.int32)
+            tokens[0, : len(chunk)] = chunk
+            positions = np.full((1, size), self.config.max_cache_length, np.int32)
             positions[0, : len(chunk)] = np.arange(start, start + len(chunk))
-            kv_length = (
-                bucket(max(start + size, 1), c.cache_buckets)
-                if start
-                else bucket(size, c.cache_buckets)
+            if logprobs is None:
+                self.cache = self.steps.prefill(
+                    self.params, self.cache, tokens, positions, np.int32(slot), kv_length=kv_length
+                )
+                continue
+            following = prompt[start + 1 : start + 1 + len(chunk)]
+            targets = np.zeros((1, size), np.int32)
+            targets[0, : len(following)] = following
+            self.cache, chosen, top_tokens, top_values = self.steps.prefill_with_logprobs(
+                self.params,
+                self.cache,
+                tokens,
+                positions,
+                np.int32(slot),
+                targets,
+                kv_length=kv_length,
             )
-            self.cache = self.steps.prefill(
-                self.params, self.cache, padded, positions, np.int32(slot), kv_length=kv_length
-            )
+            chosen, top_tokens, top_values = map(np.asarray, (chosen, top_tokens, top_values))
+            for i, token in enumerate(following):
+                logprobs.append(
+                    self._token_logprob(
+                        token, chosen[0, i], top_tokens[0, i], top_values[0, i], top_logprobs
+                    )
+                )
+        return logprobs
+
+    def _token_logprob(self, token: int, logprob, top_tokens, top_values, k: int) -> TokenLogprob:
+        top = tuple(
+            TopLogprob(self._token_text(t), int(t), float(v))
+            for t, v in zip(top_tokens[:k], top_values[:k], strict=True)
+        )
+        return TokenLogprob(self._token_text(token), int(token), float(logprob), top)
 
     def _decode_inputs(self, sequences: list[_Sequence], rows: int):
         idle = self.config.max_cache_length
@@ -277,6 +291,8 @@ class Scheduler:
         top_p = np.ones(rows, np.float32)
         top_k = np.zeros(rows, np.int32)
         min_p = np.zeros(rows, np.float32)
+        presence = np.zeros(rows, np.float32)
+        frequency = np.zeros(rows, np.float32)
         seeds = np.zeros((rows, 2), np.uint32)
         choices = np.zeros(rows, np.int32)
         for s in sequences:
@@ -284,18 +300,23 @@ class Scheduler:
             tokens[s.slot], positions[s.slot] = s.token, s.position
             temperature[s.slot], top_p[s.slot] = o.temperature, o.top_p
             top_k[s.slot], min_p[s.slot] = o.top_k, o.min_p
+            presence[s.slot], frequency[s.slot] = o.presence_penalty, o.frequency_penalty
             seed = s.handle.seed % 2**64
             seeds[s.slot] = (seed >> 32, seed & 0xFFFFFFFF)
             choices[s.slot] = s.index
-        sampling = SamplingParams(temperature, top_p, top_k, min_p)
+        sampling = SamplingParams(temperature, top_p, top_k, min_p, presence, frequency)
         return tokens, positions, sampling, seeds, choices
 
     def _decode_step(self) -> None:
         live = [s for s in self._slots if s is not None]
         rows = bucket(max(s.slot for s in live) + 1, self.config.batch_buckets)
         kv_length = bucket(max(s.position for s in live) + 1, self.config.cache_buckets)
-        sampled, self.cache = self.steps.decode(
-            self.params, self.cache, *self._decode_inputs(live, rows), kv_length=kv_length
+        sampled, self.cache, self.counts = self.steps.decode(
+            self.params,
+            self.cache,
+            self.counts,
+            *self._decode_inputs(live, rows),
+            kv_length=kv_length,
         )
         tokens = np.asarray(sampled.tokens)
         logprobs = np.asarray(sampled.logprobs)
@@ -317,19 +338,10 @@ class Scheduler:
                     text, finish = text + s.text.finish(), "length"
             logprob = None
             if s.handle.options.logprobs:
-                top = ()
-                if wants_top and s.handle.options.top_logprobs:
-                    k = s.handle.options.top_logprobs
-                    top = tuple(
-                        TopLogprob(self._token_text(t), int(t), float(lp))
-                        for t, lp in zip(
-                            top_tokens[s.slot, :k], top_logprobs[s.slot, :k], strict=True
-                        )
-                    )
-                logprob = (
-                    TokenLogprob(self._token_text(token), token, float(logprobs[s.slot]), top),
-                )
-            s.handle._events.put(Delta(s.index, text, (token,), logprob, finish))
+                k = s.handle.options.top_logprobs if wants_top else 0
+                alternatives = (top_tokens[s.slot], top_logprobs[s.slot]) if k else ((), ())
+                logprob = (self._token_logprob(token, logprobs[s.slot], *alternatives, k),)
+            s.handle.put(Delta(s.index, text, (token,), logprob, finish))
             if finish:
                 self._finish(s)
 
@@ -339,12 +351,12 @@ class Scheduler:
     def _finish(self, sequence: _Sequence) -> None:
         self._slots[sequence.slot] = None
         if not any(s is not None and s.handle is sequence.handle for s in self._slots):
-            sequence.handle._events.put(_DONE)
+            sequence.handle.put(DONE)
 
     def _drop_cancelled(self) -> None:
         for s in self._slots:
             if s is not None and s.handle.cancelled.is_set():
-                s.handle._events.put(Delta(s.index, "", (), None, "cancelled"))
+                s.handle.put(Delta(s.index, "", (), None, "cancelled"))
                 self._finish(s)
 
     def _fail_all(self, error: BaseException) -> None:
@@ -354,6 +366,7 @@ class Scheduler:
             self._waiting.clear()
         self._slots = [None] * self.config.max_slots
         for handle in handles.values():
-            handle._events.put(error)
+            handle.put(error)
         # A failed call may have consumed the donated cache: start from a fresh one.
         self.cache = allocate(self.model_config, self.config)
+        self.counts = jnp.zeros_like(self.counts)

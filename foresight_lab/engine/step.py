@@ -10,8 +10,9 @@ from __future__ import annotations
 import threading
 
 import jax
+import jax.numpy as jnp
 
-from foresight_lab.engine.sampler import Sampled, SamplingParams, row_keys, sample
+from foresight_lab.engine.sampler import TOP_LOGPROBS, Sampled, SamplingParams, row_keys, sample
 from foresight_lab.models.config import ModelConfig
 from foresight_lab.models.decoder import Decoder, LayerCache
 
@@ -63,8 +64,14 @@ class Steps:
     def __init__(self, model_config: ModelConfig):
         self.model = Decoder(model_config)
         self.prefill = jax.jit(self._prefill, static_argnames="kv_length", donate_argnames="cache")
-        self.decode = jax.jit(self._decode, static_argnames="kv_length", donate_argnames="cache")
+        self.decode = jax.jit(
+            self._decode, static_argnames="kv_length", donate_argnames=("cache", "counts")
+        )
         self.copy_row = jax.jit(_copy_row, donate_argnames="cache")
+        self.prefill_with_logprobs = jax.jit(
+            self._prefill_with_logprobs, static_argnames="kv_length", donate_argnames="cache"
+        )
+        self.clear_counts = jax.jit(_clear_row, donate_argnames="counts")
 
     def _prefill(
         self,
@@ -80,23 +87,47 @@ class Steps:
         )
         return cache
 
+    def _prefill_with_logprobs(
+        self,
+        params,
+        cache: Cache,
+        tokens: jax.Array,  # Int['1 P']
+        positions: jax.Array,  # Int['1 P']
+        slot: jax.Array,  # Int[]
+        targets: jax.Array,  # Int['1 P'], the token that follows each one
+        kv_length: int,
+    ) -> tuple[Cache, jax.Array, jax.Array, jax.Array]:
+        """Prefill that also returns each target's logprob, Float['1 P'], and the top
+        alternatives, Int['1 P K'] and Float['1 P K'] (for echo with logprobs)."""
+        logits, cache = self.model.apply(
+            {"params": params}, tokens, positions, cache, slot, kv_length
+        )
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        chosen = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        top_logprobs, top_tokens = jax.lax.top_k(log_probs, min(TOP_LOGPROBS, log_probs.shape[-1]))
+        return cache, chosen, top_tokens, top_logprobs
+
     def _decode(
         self,
         params,
         cache: Cache,
+        counts: jax.Array,  # Int['slots V'], tokens generated so far per slot
         tokens: jax.Array,  # Int['B'], the last token of each row
         positions: jax.Array,  # Int['B'], where that token sits; idle rows at >= cache length
         sampling: SamplingParams,
         seeds: jax.Array,  # UInt32['B 2']
         choices: jax.Array,  # Int['B']
         kv_length: int,
-    ) -> tuple[Sampled, Cache]:
+    ) -> tuple[Sampled, Cache, jax.Array]:
+        rows = tokens.shape[0]
         logits, cache = self.model.apply(
             {"params": params}, tokens[:, None], positions[:, None], cache, 0, kv_length
         )
         # The key of a sampled token is folded with the position it will occupy.
         keys = row_keys(seeds, choices, positions + 1)
-        return sample(logits[:, 0], sampling, keys), cache
+        sampled = sample(logits[:, 0], sampling, keys, counts[:rows])
+        counts = counts.at[jnp.arange(rows), sampled.tokens].add(1)
+        return sampled, cache, counts
 
 
 def _copy_row(cache: Cache, source: jax.Array, target: jax.Array) -> Cache:
@@ -107,3 +138,10 @@ def _copy_row(cache: Cache, source: jax.Array, target: jax.Array) -> Cache:
         return jax.lax.dynamic_update_slice_in_dim(array, row, target, 0)
 
     return jax.tree.map(copy, cache)
+
+
+def _clear_row(counts: jax.Array, slot: jax.Array) -> jax.Array:
+    """Zeroes one slot's generated-token counts, Int['slots V'], for a new sequence."""
+    return jax.lax.dynamic_update_slice_in_dim(
+        counts, jnp.zeros((1, counts.shape[1]), counts.dtype), slot, 0
+    )
