@@ -9,6 +9,7 @@ from foresight_lab.engine.request import (
     SamplingOptions,
     Usage,
 )
+from foresight_lab.engine.sharding import make_mesh
 from foresight_lab.lab import Lab, load
 from foresight_lab.weights.loader import LoadedModel, load_model
 from foresight_lab.weights.registry import BUILTIN_MODELS, DEFAULT_MODEL, ModelNotFoundError, pull
@@ -30,5 +31,6 @@ __all__ = [
     "Usage",
     "load",
     "load_model",
+    "make_mesh",
     "pull",
 ]

@@ -26,9 +26,9 @@ from foresight_lab.weights.loader import LoadedModel, load_model
 class Lab:
     """A model ready to sample from. Build one with `foresight_lab.load(...)`."""
 
-    def __init__(self, model: LoadedModel, engine_config: EngineConfig | None = None):
+    def __init__(self, model: LoadedModel, engine_config: EngineConfig | None = None, mesh=None):
         self.model = model
-        self.engine = Engine(model, engine_config)
+        self.engine = Engine(model, engine_config, mesh)
         self.tokenizer = model.tokenizer
 
     @property
@@ -153,15 +153,18 @@ def load(
     max_cache_length: int = 2048,
     progress: bool = True,
     warmup: bool = False,
+    mesh=None,
 ) -> Lab:
     """Loads MODEL (a built-in alias, a .gguf file, or a Hugging Face directory).
 
     max_slots sequences decode together (n choices each take one); max_cache_length
     tokens (prompt plus completion) fit each. Together they fix the KV cache budget.
+    mesh: a `jax.sharding.Mesh` with axes ("data", "model") to spread the model and
+    cache over several devices (`foresight_lab.make_mesh()` builds one).
     """
     loaded = load_model(model, progress=progress)
     max_cache_length = min(max_cache_length, loaded.config.max_position_embeddings)
-    lab = Lab(loaded, EngineConfig(max_slots=max_slots, max_cache_length=max_cache_length))
+    lab = Lab(loaded, EngineConfig(max_slots=max_slots, max_cache_length=max_cache_length), mesh)
     if warmup:
         lab.warmup(progress=progress)
     return lab

@@ -8,6 +8,7 @@ handle.result()                             # or wait for the Completion
 
 from __future__ import annotations
 
+import jax
 from tqdm.auto import tqdm
 
 from foresight_lab.engine.kv_cache import EngineConfig
@@ -17,12 +18,24 @@ from foresight_lab.weights.loader import LoadedModel
 
 
 class Engine:
-    def __init__(self, model: LoadedModel, config: EngineConfig | None = None):
+    def __init__(
+        self,
+        model: LoadedModel,
+        config: EngineConfig | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
+        """mesh: run on a device mesh with axes ("data", "model") (see engine.sharding);
+        None runs on the default device."""
         self.model = model
         self.config = config or EngineConfig()
         self.tokenizer = model.tokenizer
         self._scheduler = Scheduler(
-            model.config, model.params, model.tokenizer, set(model.eos_token_ids), self.config
+            model.config,
+            model.params,
+            model.tokenizer,
+            set(model.eos_token_ids),
+            self.config,
+            mesh,
         )
 
     def submit(self, prompt_ids: list[int], options: SamplingOptions) -> RequestHandle:

@@ -22,6 +22,8 @@ from collections import deque
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from foresight_lab.engine.handle import DONE, EngineError, RequestHandle
 from foresight_lab.engine.kv_cache import EngineConfig, allocate, bucket
@@ -34,6 +36,7 @@ from foresight_lab.engine.request import (
     TopLogprob,
 )
 from foresight_lab.engine.sampler import SamplingParams
+from foresight_lab.engine.sharding import cache_spec, shard_params
 from foresight_lab.engine.step import CompileCounter, Steps
 from foresight_lab.engine.text import CompletionText
 from foresight_lab.models.config import ModelConfig
@@ -60,15 +63,24 @@ class Scheduler:
         tokenizer,
         eos_token_ids: set[int],
         config: EngineConfig,
+        mesh: Mesh | None = None,
     ):
         self.model_config = model_config
         self.config = config
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids)
-        self.params = jax.device_put(params)
-        self.cache = allocate(model_config, config)
-        self.counts = jnp.zeros((config.max_slots, model_config.vocab_size), jnp.int32)
-        self.steps = Steps(model_config)
+        self.mesh = mesh
+        if mesh is None:
+            self.params = jax.device_put(params)
+            self._cache_sharding = self._counts_sharding = None
+        else:
+            self.params = shard_params(params, model_config, mesh)
+            self._cache_sharding = NamedSharding(
+                mesh, cache_spec(model_config, config.max_slots, mesh)
+            )
+            self._counts_sharding = NamedSharding(mesh, P(self._cache_sharding.spec[0], None))
+        self._allocate_state()
+        self.steps = Steps(model_config, self._cache_sharding, self._counts_sharding)
         self.compiles = CompileCounter()
         self._waiting: deque[RequestHandle] = deque()
         self._slots: list[_Sequence | None] = [None] * config.max_slots
@@ -368,5 +380,12 @@ class Scheduler:
         for handle in handles.values():
             handle.put(error)
         # A failed call may have consumed the donated cache: start from a fresh one.
+        self._allocate_state()
+
+    def _allocate_state(self) -> None:
+        """The KV cache and the generated-token counts, placed on the mesh if there is one."""
         self.cache = allocate(self.model_config, self.config)
-        self.counts = jnp.zeros_like(self.counts)
+        self.counts = jnp.zeros((self.config.max_slots, self.model_config.vocab_size), jnp.int32)
+        if self.mesh is not None:
+            self.cache = jax.device_put(self.cache, self._cache_sharding)
+            self.counts = jax.device_put(self.counts, self._counts_sharding)

@@ -61,8 +61,11 @@ class CompileCounter:
 class Steps:
     """The compiled model functions of one engine."""
 
-    def __init__(self, model_config: ModelConfig):
+    def __init__(self, model_config: ModelConfig, cache_sharding=None, counts_sharding=None):
         self.model = Decoder(model_config)
+        # On a mesh, pin the state's layout so every step returns what the next expects.
+        self._cache_sharding = cache_sharding
+        self._counts_sharding = counts_sharding
         self.prefill = jax.jit(self._prefill, static_argnames="kv_length", donate_argnames="cache")
         self.decode = jax.jit(
             self._decode, static_argnames="kv_length", donate_argnames=("cache", "counts")
@@ -85,7 +88,12 @@ class Steps:
         _, cache = self.model.apply(
             {"params": params}, tokens, positions, cache, slot, kv_length, return_logits=False
         )
-        return cache
+        return self._pin_cache(cache)
+
+    def _pin_cache(self, cache: Cache) -> Cache:
+        if self._cache_sharding is None:
+            return cache
+        return jax.lax.with_sharding_constraint(cache, self._cache_sharding)
 
     def _prefill_with_logprobs(
         self,
@@ -105,7 +113,7 @@ class Steps:
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         chosen = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
         top_logprobs, top_tokens = jax.lax.top_k(log_probs, min(TOP_LOGPROBS, log_probs.shape[-1]))
-        return cache, chosen, top_tokens, top_logprobs
+        return self._pin_cache(cache), chosen, top_tokens, top_logprobs
 
     def _decode(
         self,
@@ -127,7 +135,9 @@ class Steps:
         keys = row_keys(seeds, choices, positions + 1)
         sampled = sample(logits[:, 0], sampling, keys, counts[:rows])
         counts = counts.at[jnp.arange(rows), sampled.tokens].add(1)
-        return sampled, cache, counts
+        if self._counts_sharding is not None:
+            counts = jax.lax.with_sharding_constraint(counts, self._counts_sharding)
+        return sampled, self._pin_cache(cache), counts
 
 
 def _copy_row(cache: Cache, source: jax.Array, target: jax.Array) -> Cache:

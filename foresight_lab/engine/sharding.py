@@ -1,0 +1,69 @@
+"""Placing parameters and the KV cache on a device mesh.
+
+A mesh has two axes: "data" splits the cache's slots (batch rows), "model" splits
+attention heads and MLP columns (tensor parallelism). JAX's compiler partitions the
+same jitted functions to match, so one CPU, 8 GPUs or a TPU slice run the same code.
+A dimension that the axis does not divide evenly stays whole (replicated).
+
+    q/k/v_proj kernel  [hidden, heads*D]   columns over "model" (whole heads)
+    o_proj kernel      [heads*D, hidden]   rows over "model"
+    gate/up kernel     [hidden, mlp]       columns over "model"
+    down kernel        [mlp, hidden]       rows over "model"
+    cache k, v         [slots, S, Hkv, D]  slots over "data", kv heads over "model"
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from foresight_lab.models.config import ModelConfig
+
+DATA, MODEL = "data", "model"
+
+
+def make_mesh(data: int = 1, model: int | None = None, devices=None) -> Mesh:
+    """A (data, model) mesh over the given devices (all local devices by default)."""
+    devices = list(devices if devices is not None else jax.devices())
+    model = model or len(devices) // data
+    if data * model != len(devices):
+        raise ValueError(
+            f"a {data} x {model} mesh needs {data * model} devices, not {len(devices)}"
+        )
+    return Mesh(np.asarray(devices).reshape(data, model), (DATA, MODEL))
+
+
+def _split(size: int, mesh: Mesh, axis: str) -> str | None:
+    return axis if size % mesh.shape[axis] == 0 else None
+
+
+def param_specs(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
+    """A PartitionSpec for every parameter, by its path in the pytree."""
+    heads_split = config.num_kv_heads % mesh.shape[MODEL] == 0
+    mlp = _split(config.intermediate_size, mesh, MODEL)
+
+    def spec(path, leaf) -> P:
+        names = [getattr(key, "key", str(key)) for key in path]
+        layer, kind = names[-2], names[-1]
+        if layer in ("q_proj", "k_proj", "v_proj") and heads_split:
+            return P(None, MODEL) if kind == "kernel" else P(MODEL)
+        if layer == "o_proj" and heads_split:
+            return P(MODEL, None)
+        if layer in ("gate_proj", "up_proj"):
+            return P(None, mlp)
+        if layer == "down_proj":
+            return P(mlp, None)
+        return P()
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def cache_spec(config: ModelConfig, slots: int, mesh: Mesh) -> P:
+    return P(_split(slots, mesh, DATA), None, _split(config.num_kv_heads, mesh, MODEL), None)
+
+
+def shard_params(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
+    specs = param_specs(params, config, mesh)
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
