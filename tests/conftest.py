@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from foresight_lab.engine.kv_cache import EngineConfig
@@ -36,7 +34,3 @@ def smollm2_lab(smollm2_path) -> Lab:
     lab = fl.load(str(smollm2_path), max_slots=4, max_cache_length=512, progress=False)
     yield lab
     lab.engine.shutdown()
-
-
-def pytest_configure(config):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
