@@ -72,3 +72,16 @@ def test_the_saved_tokenizer_encodes_like_the_one_built_from_gguf(smollm2_path):
         messages, tokenize=False
     )
     assert (saved.eos_token_id, saved.bos_token_id) == (built.eos_token_id, built.bos_token_id)
+
+
+def test_streamed_pieces_never_split_a_character(smollm2_lab):
+    """The reply's emoji spans several byte tokens; no piece may hold half of it."""
+    messages = [{"role": "user", "content": "Write three emoji that describe happiness."}]
+    sampling = dict(temperature=0, max_tokens=24)
+    pieces = list(smollm2_lab.chat(messages, stream=True, **sampling))
+    whole = smollm2_lab.chat(messages, **sampling)
+    split_tokens = [t for t in whole.token_ids if "\ufffd" in smollm2_lab.detokenize([t])]
+    assert split_tokens, "the reply should contain a character spread over several tokens"
+    assert "".join(pieces) == whole.text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert any(ord(c) > 0xFFFF for c in whole.text)  # an emoji outside the BMP
