@@ -278,3 +278,11 @@ def test_a_full_queue_refuses_new_requests_until_it_drains():
         assert lab.engine.submit(PROMPT, options(temperature=0, max_tokens=2)).result()
     finally:
         lab.engine.shutdown()
+
+
+def test_a_cache_beyond_free_memory_is_refused_before_allocating(tiny_lab):
+    from foresight_lab.engine.kv_cache import CacheBudgetError
+
+    huge = EngineConfig(max_slots=4096, max_cache_length=2**20)
+    with pytest.raises(CacheBudgetError, match="lower max_slots or max_cache_length"):
+        Lab(tiny_lab.model, huge)

@@ -9,7 +9,9 @@ compilations) stays small and known.
 from __future__ import annotations
 
 import dataclasses
+import os
 
+import jax
 import jax.numpy as jnp
 
 from foresight_lab.models.config import ModelConfig
@@ -66,6 +68,35 @@ def bucket(size: int, buckets: tuple[int, ...]) -> int:
         if b >= size:
             return b
     raise ValueError(f"{size} exceeds the largest bucket {buckets[-1]}")
+
+
+class CacheBudgetError(ValueError):
+    """The configured KV cache does not fit in the device's free memory."""
+
+
+def free_memory_bytes(device: jax.Device) -> int | None:
+    """Free memory of a device: its allocator's view on GPU/TPU, the OS's on CPU."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_budget(
+    model: ModelConfig, config: EngineConfig, devices: int = 1, dtype=jnp.float32
+) -> None:
+    """Refuses, with what to change, a cache that would not fit (instead of crashing)."""
+    needed = config.cache_bytes(model, dtype) // devices
+    free = free_memory_bytes(jax.devices()[0])
+    if free is not None and needed > 0.9 * free:
+        raise CacheBudgetError(
+            f"the KV cache for max_slots={config.max_slots} x max_cache_length="
+            f"{config.max_cache_length} needs {needed / 2**30:.1f} GiB per device, but only "
+            f"{free / 2**30:.1f} GiB is free; lower max_slots or max_cache_length"
+        )
 
 
 def allocate(model: ModelConfig, config: EngineConfig, dtype=jnp.float32) -> tuple[LayerCache, ...]:

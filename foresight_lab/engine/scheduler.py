@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from foresight_lab.engine.handle import DONE, EngineError, RequestHandle
-from foresight_lab.engine.kv_cache import EngineConfig, allocate, bucket
+from foresight_lab.engine.kv_cache import EngineConfig, allocate, bucket, check_budget
 from foresight_lab.engine.request import (
     Delta,
     InvalidRequestError,
@@ -70,6 +70,7 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids)
         self.mesh = mesh
+        check_budget(model_config, config, devices=1 if mesh is None else mesh.size)
         if mesh is None:
             self.params = jax.device_put(params)
             self._cache_sharding = self._counts_sharding = None
