@@ -10,7 +10,7 @@ from foresight_lab.engine.request import (
     Usage,
 )
 from foresight_lab.engine.sharding import make_mesh
-from foresight_lab.lab import Lab, load
+from foresight_lab.lab import Lab, NextTokenDistribution, load
 from foresight_lab.weights.loader import LoadedModel, load_model
 from foresight_lab.weights.registry import BUILTIN_MODELS, DEFAULT_MODEL, ModelNotFoundError, pull
 
@@ -26,6 +26,7 @@ __all__ = [
     "InvalidRequestError",
     "Lab",
     "LoadedModel",
+    "NextTokenDistribution",
     "ModelNotFoundError",
     "SamplingOptions",
     "Usage",

@@ -7,7 +7,10 @@ lab.chat([{"role": "user", "content": "Hi"}], seed=7, n=2)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
+
+import numpy as np
 
 from foresight_lab.engine.engine import Engine
 from foresight_lab.engine.kv_cache import EngineConfig
@@ -118,10 +121,46 @@ class Lab:
         prompt_ids = self.tokenize(prompt, add_special_tokens=False)
         return self.generate(prompt_ids, max_tokens=max_tokens, **sampling)
 
+    def next_token_distribution(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+    ) -> NextTokenDistribution:
+        """The model's probabilities for the token after `prompt`, and what the sampler
+        would draw from under these settings (for looking, not generating)."""
+        prompt_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        options = SamplingOptions(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+        model, sampling = self.engine.next_token_distribution(prompt_ids, options)
+        return NextTokenDistribution(model, sampling, self.tokenizer)
+
     def warmup(self, progress: bool = True) -> Lab:
         """Compiles every shape the engine can run, so later calls never wait to compile."""
         self.engine.warmup(progress=progress)
         return self
+
+
+@dataclasses.dataclass(frozen=True)
+class NextTokenDistribution:
+    model: np.ndarray  # Float['V'], the model's own probabilities
+    sampling: np.ndarray  # Float['V'], after temperature, top_k, top_p and min_p
+    tokenizer: object
+
+    def top(self, k: int = 10, by: str = "model") -> list[tuple[str, int, float, float]]:
+        """The k most likely tokens: (text, id, model probability, sampling probability)."""
+        order = np.argsort(-getattr(self, by), kind="stable")[:k]
+        return [
+            (self.tokenizer.decode([int(i)]), int(i), float(self.model[i]), float(self.sampling[i]))
+            for i in order
+        ]
+
+    @property
+    def kept(self) -> int:
+        """How many tokens the sampler could draw."""
+        return int(np.count_nonzero(self.sampling))
 
 
 def _stream(handle, texts_only: bool):

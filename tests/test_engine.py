@@ -3,6 +3,7 @@
 import dataclasses
 import time
 
+import numpy as np
 import pytest
 
 from foresight_lab import InvalidRequestError
@@ -286,3 +287,17 @@ def test_a_cache_beyond_free_memory_is_refused_before_allocating(tiny_lab):
     huge = EngineConfig(max_slots=4096, max_cache_length=2**20)
     with pytest.raises(CacheBudgetError, match="lower max_slots or max_cache_length"):
         Lab(tiny_lab.model, huge)
+
+
+def test_next_token_distribution_matches_what_greedy_and_truncation_do(tiny_lab):
+    dist = tiny_lab.next_token_distribution(PROMPT, top_k=5)
+    greedy = tiny_lab.generate(PROMPT, temperature=0, max_tokens=1, logprobs=True)
+    assert int(np.argmax(dist.model)) == greedy.token_ids[0]
+    assert dist.model.sum() == pytest.approx(1.0, abs=1e-5)
+    assert dist.kept == 5 and dist.sampling.sum() == pytest.approx(1.0, abs=1e-5)
+    assert np.log(dist.model[greedy.token_ids[0]]) == pytest.approx(
+        greedy.choices[0].logprobs[0].logprob, abs=1e-4
+    )
+    top = dist.top(5)
+    assert [t[1] for t in top] == list(np.argsort(-dist.model)[:5])
+    assert tiny_lab.next_token_distribution(PROMPT, temperature=0).kept == 1

@@ -129,3 +129,14 @@ def test_a_strong_presence_penalty_steers_greedy_away_from_repeats():
     steered = sample_jit(logits, params(1, temperature=0.0, presence=2.0), keys(1), counts)
     assert int(plain.tokens[0]) == 0 and int(steered.tokens[0]) == 1
     np.testing.assert_allclose(steered.logprobs, jax.nn.log_softmax(logits)[0, 1], rtol=1e-6)
+
+
+def test_the_compiled_sampler_keeps_xla_fast_top_k_on_cpu():
+    """A sliced top_k output makes XLA's CPU backend sort the whole vocabulary each step."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("a property of XLA's CPU backend")
+    logits = jnp.zeros((2, 4 * CANDIDATES))
+    text = sample_jit.lower(logits, params(2), keys(2)).compile().as_text()
+    assert text.count('custom_call_target="TopK"') == 2
+    # the only sort is the rare full-sort branch of the truncation threshold
+    assert text.count(" sort(") == 1

@@ -48,6 +48,11 @@ class Engine:
         for shape in tqdm(shapes, desc="Compiling", unit="shape", disable=not progress):
             self._scheduler.compile_shape(*shape)
 
+    def next_token_distribution(self, prompt_ids: list[int], options: SamplingOptions):
+        """(model, sampling) probabilities of the next token, numpy Float['V'] each: the
+        model's own distribution, and what the sampler draws from under `options`."""
+        return self._scheduler.next_token_distribution(list(prompt_ids), options)
+
     @property
     def compile_count(self) -> int:
         """Backend compilations this engine has triggered so far."""

@@ -87,6 +87,37 @@ def apply_penalties(logits: jax.Array, counts: jax.Array, params: SamplingParams
     return logits - presence - frequency
 
 
+def sampling_weights(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """What the sampler draws from, Float['B V']: exp of the tempered logits on the tokens
+    that top_k, top_p and min_p keep, 0 elsewhere (not normalized)."""
+    vocab = logits.shape[-1]
+    # Two top_k calls in sample(), not one sliced: XLA's CPU backend keeps a fast TopK
+    # only while its outputs are used whole, and falls back to a full sort otherwise.
+    _, top_tokens = jax.lax.top_k(logits, min(CANDIDATES, vocab))
+    temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
+    scaled = logits / temperature
+    log_total = jax.nn.logsumexp(scaled, axis=-1)
+    # Scaling by a positive temperature keeps the order, so the prefilter is reused.
+    top_scaled = jnp.take_along_axis(scaled, top_tokens, axis=-1)
+    threshold = jax.lax.cond(
+        _needs_full_sort(top_scaled, log_total, params),
+        lambda: _thresholds(-jnp.sort(-scaled, axis=-1), log_total, params),
+        lambda: _thresholds(top_scaled, log_total, params),
+    )
+    return jnp.where(
+        scaled >= threshold[:, None], jnp.exp(scaled - scaled.max(-1, keepdims=True)), 0.0
+    )
+
+
+def sampling_distribution(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """The probability of each next token under these parameters, Float['B V'];
+    temperature 0 puts all of it on the argmax."""
+    weights = sampling_weights(logits, params)
+    sampled = weights / weights.sum(axis=-1, keepdims=True)
+    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=weights.dtype)
+    return jnp.where(params.temperature[:, None] > 0, sampled, greedy)
+
+
 def sample(
     logits: jax.Array, params: SamplingParams, keys: jax.Array, counts: jax.Array | None = None
 ) -> Sampled:
@@ -101,25 +132,8 @@ def sample(
     raw_log_total = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     if counts is not None:
         logits = apply_penalties(logits, counts, params)
-    # Two top_k calls, not one sliced: XLA's CPU backend keeps a fast TopK only while
-    # its outputs are used whole, and falls back to a full sort otherwise.
-    _, top_tokens = jax.lax.top_k(logits, min(CANDIDATES, vocab))
 
-    temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
-    scaled = logits / temperature
-    log_total = jax.nn.logsumexp(scaled, axis=-1)
-    # Scaling by a positive temperature keeps the order, so the prefilter is reused.
-    top_scaled = jnp.take_along_axis(scaled, top_tokens, axis=-1)
-    threshold = jax.lax.cond(
-        _needs_full_sort(top_scaled, log_total, params),
-        lambda: _thresholds(-jnp.sort(-scaled, axis=-1), log_total, params),
-        lambda: _thresholds(top_scaled, log_total, params),
-    )
-
-    kept = jnp.where(
-        scaled >= threshold[:, None], jnp.exp(scaled - scaled.max(-1, keepdims=True)), 0.0
-    )
-    cdf = jnp.cumsum(kept, axis=-1)
+    cdf = jnp.cumsum(sampling_weights(logits, params), axis=-1)
     uniform = jax.vmap(lambda key: jax.random.uniform(key))(keys)
     drawn = jnp.sum(cdf <= (uniform * cdf[:, -1])[:, None], axis=-1)
     drawn = jnp.minimum(drawn, vocab - 1)

@@ -199,6 +199,42 @@ class Scheduler:
                 )
                 jax.block_until_ready(sampled.tokens)
 
+    def next_token_distribution(self, prompt_ids: list[int], options: SamplingOptions):
+        """(model probabilities, sampling probabilities), each Float['V'] as numpy, of the
+        token after `prompt_ids`; runs beside the scheduler on a scratch cache."""
+        c = self.config
+        if not prompt_ids or len(prompt_ids) > c.max_cache_length:
+            raise InvalidRequestError(
+                f"prompt: must have 1 to {c.max_cache_length} tokens, got {len(prompt_ids)}",
+                "prompt",
+            )
+        size = bucket(len(prompt_ids), tuple(sorted({*c.prefill_buckets, *c.cache_buckets})))
+        tokens = np.zeros((1, size), np.int32)
+        tokens[0, : len(prompt_ids)] = prompt_ids
+        positions = np.full((1, size), size, np.int32)
+        positions[0, : len(prompt_ids)] = np.arange(len(prompt_ids))
+        o = options
+        params = SamplingParams(
+            *(
+                np.asarray([value], dtype)
+                for value, dtype in (
+                    (o.temperature, np.float32),
+                    (o.top_p, np.float32),
+                    (o.top_k, np.int32),
+                    (o.min_p, np.float32),
+                    (0.0, np.float32),
+                    (0.0, np.float32),
+                )
+            )
+        )
+        with self.compiles:
+            logits = self.steps.next_token_logits(
+                self.params, tokens, positions, np.int32(len(prompt_ids) - 1)
+            )
+            sampling = self.steps.sampling_distribution(logits[None], params)[0]
+            model = jax.nn.softmax(logits)
+        return np.asarray(model), np.asarray(sampling)
+
     # ---- the scheduler thread ------------------------------------------------------
 
     def _run(self) -> None:

@@ -12,9 +12,16 @@ import threading
 import jax
 import jax.numpy as jnp
 
-from foresight_lab.engine.sampler import TOP_LOGPROBS, Sampled, SamplingParams, row_keys, sample
+from foresight_lab.engine.sampler import (
+    TOP_LOGPROBS,
+    Sampled,
+    SamplingParams,
+    row_keys,
+    sample,
+    sampling_distribution,
+)
 from foresight_lab.models.config import ModelConfig
-from foresight_lab.models.decoder import Decoder, LayerCache
+from foresight_lab.models.decoder import Decoder, LayerCache, empty_cache
 
 Cache = tuple[LayerCache, ...]
 
@@ -75,6 +82,8 @@ class Steps:
             self._prefill_with_logprobs, static_argnames="kv_length", donate_argnames="cache"
         )
         self.clear_counts = jax.jit(_clear_row, donate_argnames="counts")
+        self.next_token_logits = jax.jit(self._next_token_logits)
+        self.sampling_distribution = jax.jit(sampling_distribution)
 
     def _prefill(
         self,
@@ -114,6 +123,19 @@ class Steps:
         chosen = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
         top_logprobs, top_tokens = jax.lax.top_k(log_probs, min(TOP_LOGPROBS, log_probs.shape[-1]))
         return self._pin_cache(cache), chosen, top_tokens, top_logprobs
+
+    def _next_token_logits(
+        self,
+        params,
+        tokens: jax.Array,  # Int['1 P'], padding at positions >= P
+        positions: jax.Array,  # Int['1 P']
+        last: jax.Array,  # Int[], index of the prompt's last token
+    ) -> jax.Array:
+        """Logits after a prompt, Float['V'], on a scratch cache (the engine's is untouched)."""
+        length = tokens.shape[1]
+        scratch = empty_cache(self.model.config, 1, length)
+        logits, _ = self.model.apply({"params": params}, tokens, positions, scratch, 0, length)
+        return logits[0, last]
 
     def _decode(
         self,
