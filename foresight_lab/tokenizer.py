@@ -12,8 +12,10 @@ import tempfile
 # No model hub is reachable, and none is needed: tokenizers load from local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import gguf  # noqa: E402
 import transformers  # noqa: E402
 
+from foresight_lab.weights.gguf import open_gguf  # noqa: E402
 from foresight_lab.weights.registry import cache_dir  # noqa: E402
 
 
@@ -33,11 +35,54 @@ def load_tokenizer(path: str | pathlib.Path):
             return transformers.AutoTokenizer.from_pretrained(str(saved), local_files_only=True)
         except Exception:  # an unreadable saved copy is rebuilt below
             shutil.rmtree(saved, ignore_errors=True)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        str(path.parent), gguf_file=path.name, local_files_only=True
-    )
+    tokenizer = tokenizer_from_gguf(path)
     _save_atomically(tokenizer, saved)
     return tokenizer
+
+
+def tokenizer_from_gguf(path: pathlib.Path):
+    """Builds the tokenizer a GGUF file describes, with transformers' GGUF converters.
+
+    transformers' own `from_pretrained(gguf_file=...)` reads the metadata with a reader
+    that imports PyTorch; this reads it with the `gguf` package instead, so PyTorch stays
+    a test-only dependency. Like transformers, of the string arrays only tokens and merges
+    are read in full (others become their lengths).
+    """
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
+    metadata = {}
+    for key, field in open_gguf(path).fields.items():
+        if key == "general.architecture" or key.startswith("tokenizer."):
+            strings = field.types[:2] == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]
+            full = key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
+            metadata[key] = len(field.data) if strings and not full else field.contents()
+    groups = {
+        group: {
+            name: metadata[f"tokenizer.{key}"]
+            for key, name in renames.items()
+            if f"tokenizer.{key}" in metadata
+        }
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    vocabulary, config = groups["tokenizer"], groups["tokenizer_config"]
+    if vocabulary.get("tokenizer_type") == "llama":  # sentencepiece files add BOS unless told
+        config.setdefault("add_bos_token", True)
+    for name, key in _SPECIAL_TOKEN_IDS.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        config[name] = vocabulary["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(metadata["general.architecture"], vocabulary)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
+
+
+_SPECIAL_TOKEN_IDS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
 
 
 def _saved_tokenizer_dir(gguf_path: pathlib.Path) -> pathlib.Path:

@@ -56,22 +56,32 @@ def test_the_chat_template_is_the_models_own(smollm2_lab):
     ]
 
 
-def test_the_saved_tokenizer_encodes_like_the_one_built_from_gguf(smollm2_path):
-    from foresight_lab.tokenizer import load_tokenizer
+def test_our_gguf_tokenizer_is_the_one_transformers_builds(smollm2_path):
+    """The tokenizer is built without transformers' PyTorch-based GGUF reader, and saved
+    in the cache; both must equal what transformers itself builds from the file."""
+    from foresight_lab.tokenizer import load_tokenizer, tokenizer_from_gguf
 
-    built = transformers.AutoTokenizer.from_pretrained(
+    reference = transformers.AutoTokenizer.from_pretrained(
         str(smollm2_path.parent), gguf_file=smollm2_path.name
     )
     load_tokenizer(smollm2_path)  # saves it, if no earlier load did
-    saved = load_tokenizer(smollm2_path)
     messages = [{"role": "user", "content": "Héllo 🙂, what is 2+2?"}]
-    for text in ["The capital of France is", " naïve café — 東京 🙂\n\tend", "<|im_start|>user"]:
-        assert saved.encode(text) == built.encode(text)
-    assert saved.chat_template == built.chat_template
-    assert saved.apply_chat_template(messages, tokenize=False) == built.apply_chat_template(
-        messages, tokenize=False
-    )
-    assert (saved.eos_token_id, saved.bos_token_id) == (built.eos_token_id, built.bos_token_id)
+    for tokenizer in (tokenizer_from_gguf(smollm2_path), load_tokenizer(smollm2_path)):
+        assert tokenizer.backend_tokenizer.to_str() == reference.backend_tokenizer.to_str()
+        for text in [
+            "The capital of France is",
+            " naïve café — 東京 🙂\n\tend",
+            "<|im_start|>user",
+        ]:
+            assert tokenizer.encode(text) == reference.encode(text)
+        assert tokenizer.apply_chat_template(messages, tokenize=False) == (
+            reference.apply_chat_template(messages, tokenize=False)
+        )
+        assert tokenizer.all_special_ids == reference.all_special_ids
+        assert (tokenizer.eos_token_id, tokenizer.bos_token_id) == (
+            reference.eos_token_id,
+            reference.bos_token_id,
+        )
 
 
 def test_streamed_pieces_never_split_a_character(smollm2_lab):
