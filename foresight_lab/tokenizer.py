@@ -11,6 +11,7 @@ import tempfile
 
 # No model hub is reachable, and none is needed: tokenizers load from local files only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # e.g. "PyTorch was not found"
 
 import gguf  # noqa: E402
 import transformers  # noqa: E402
