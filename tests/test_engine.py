@@ -11,7 +11,8 @@ from foresight_lab.engine.kv_cache import EngineConfig
 from foresight_lab.lab import Lab
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3]
-OTHER_PROMPTS = [[1, 2, 3], list(range(40, 100)), [300, 12, 8, 8, 9], list(range(100, 130))]
+OTHER_PROMPTS = [[1, 2, 3], list(range(40, 100)), [300, 12, 8, 8, 9], list(range(100, 250))]
+LONG_PROMPT = [(7 * i) % 300 + 3 for i in range(170)]  # three prefill chunks of 64
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -301,3 +302,15 @@ def test_next_token_distribution_matches_what_greedy_and_truncation_do(tiny_lab)
     top = dist.top(5)
     assert [t[1] for t in top] == list(np.argsort(-dist.model)[:5])
     assert tiny_lab.next_token_distribution(PROMPT, temperature=0).kept == 1
+
+
+def test_a_long_prompt_prefilled_in_chunks_between_decode_steps_gives_the_same_tokens(tiny_lab):
+    sampling = options(temperature=0.8, seed=17, max_tokens=30)
+    alone = tiny_lab.engine.submit(LONG_PROMPT, sampling).result()
+    running = tiny_lab.engine.submit(PROMPT, options(temperature=1.0, seed=1, max_tokens=60))
+    stream = iter(running)
+    next(stream)  # the short request is decoding while the long prompt is prefilled
+    batched = tiny_lab.engine.submit(LONG_PROMPT, sampling).result()
+    rest = list(stream)
+    assert batched.token_ids == alone.token_ids
+    assert rest[-1].finish_reason == "length"

@@ -55,6 +55,19 @@ class _Sequence:
     generated: int = 0
 
 
+@dataclasses.dataclass
+class _Prefill:
+    """A request whose prompt is being written into its first slot, one chunk per step."""
+
+    handle: RequestHandle
+    slots: list[int]
+    chunks: deque  # (start, padded size, attended cache length) still to run
+    logprobs: list | None  # prompt logprobs gathered so far, when asked
+
+
+_RESERVED = "reserved"  # a slot held by a request that is still prefilling
+
+
 class Scheduler:
     def __init__(
         self,
@@ -84,7 +97,8 @@ class Scheduler:
         self.steps = Steps(model_config, self._cache_sharding, self._counts_sharding)
         self.compiles = CompileCounter()
         self._waiting: deque[RequestHandle] = deque()
-        self._slots: list[_Sequence | None] = [None] * config.max_slots
+        self._slots: list[_Sequence | str | None] = [None] * config.max_slots
+        self._prefilling: deque[_Prefill] = deque()
         self._wake = threading.Condition()
         self._device = threading.Lock()  # the cache is donated: one user at a time
         self._thread: threading.Thread | None = None
@@ -146,7 +160,11 @@ class Scheduler:
 
     @property
     def active_slots(self) -> int:
+        """Slots in use: decoding, or reserved by a request whose prompt is prefilling."""
         return sum(s is not None for s in self._slots)
+
+    def _decoding(self) -> list[_Sequence]:
+        return [s for s in self._slots if isinstance(s, _Sequence)]
 
     # ---- warm-up -----------------------------------------------------------------
 
@@ -240,7 +258,7 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._stopping and not self._waiting and not self.active_slots:
+                while not (self._stopping or self._waiting or self.active_slots):
                     self._wake.wait()
                 if self._stopping:
                     self._fail_all(EngineError("the engine was stopped"))
@@ -249,7 +267,11 @@ class Scheduler:
                 with self._device, self.compiles:
                     self._drop_cancelled()
                     self._admit()
-                    if self.active_slots:
+                    # One prompt chunk, then one decode step: a long prompt delays the
+                    # running streams by a chunk at a time, not by its whole prefill.
+                    if self._prefilling:
+                        self._prefill_next_chunk()
+                    if self._decoding():
                         self._decode_step()
             except Exception as error:  # never let one failure kill the engine
                 self._fail_all(error)
@@ -258,6 +280,7 @@ class Scheduler:
         return [i for i, s in enumerate(self._slots) if s is None]
 
     def _admit(self) -> None:
+        """Moves waiting requests, first come first served, into free slots to prefill."""
         while True:
             with self._wake:
                 if not self._waiting:
@@ -269,61 +292,66 @@ class Scheduler:
                     continue
                 free = self._free_slots()
                 if len(free) < handle.options.n:
-                    return  # first come, first served: wait for slots to free
+                    return  # the head waits for slots; nobody overtakes it
                 self._waiting.popleft()
-            self._start(handle, free[: handle.options.n])
+            slots = free[: handle.options.n]
+            for slot in slots:
+                self._slots[slot] = _RESERVED
+            logprobs = None if handle.options.prompt_logprobs is None else [None]
+            chunks = deque(self._prefill_plan(len(handle.prompt_ids) - 1))
+            self._prefilling.append(_Prefill(handle, slots, chunks, logprobs))
 
-    def _start(self, handle: RequestHandle, slots: list[int]) -> None:
-        prompt = handle.prompt_ids
-        handle.prompt_logprobs = self._prefill(prompt, slots[0], handle.options.prompt_logprobs)
-        for slot in slots[1:]:
-            self.cache = self.steps.copy_row(self.cache, np.int32(slots[0]), np.int32(slot))
-        for index, slot in enumerate(slots):
+    def _prefill_next_chunk(self) -> None:
+        """Writes the next chunk of the oldest prefilling prompt (all of it but its last
+        token) into its first slot; a finished prompt starts decoding."""
+        job = self._prefilling[0]
+        if job.chunks:
+            self._prefill_chunk(job, *job.chunks.popleft())
+        if not job.chunks:
+            self._prefilling.popleft()
+            self._start_decoding(job)
+
+    def _prefill_chunk(self, job: _Prefill, start: int, size: int, kv_length: int) -> None:
+        prompt, slot = job.handle.prompt_ids, np.int32(job.slots[0])
+        chunk = prompt[:-1][start : start + size]
+        tokens = np.zeros((1, size), np.int32)
+        tokens[0, : len(chunk)] = chunk
+        positions = np.full((1, size), self.config.max_cache_length, np.int32)
+        positions[0, : len(chunk)] = np.arange(start, start + len(chunk))
+        if job.logprobs is None:
+            self.cache = self.steps.prefill(
+                self.params, self.cache, tokens, positions, slot, kv_length=kv_length
+            )
+            return
+        following = prompt[start + 1 : start + 1 + len(chunk)]
+        targets = np.zeros((1, size), np.int32)
+        targets[0, : len(following)] = following
+        self.cache, chosen, top_tokens, top_values = self.steps.prefill_with_logprobs(
+            self.params, self.cache, tokens, positions, slot, targets, kv_length=kv_length
+        )
+        chosen, top_tokens, top_values = map(np.asarray, (chosen, top_tokens, top_values))
+        k = job.handle.options.prompt_logprobs
+        job.logprobs.extend(
+            self._token_logprob(token, chosen[0, i], top_tokens[0, i], top_values[0, i], k)
+            for i, token in enumerate(following)
+        )
+
+    def _start_decoding(self, job: _Prefill) -> None:
+        """Copies the prompt to the other choices' slots and makes every slot a sequence."""
+        handle, first = job.handle, job.slots[0]
+        handle.prompt_logprobs = job.logprobs
+        for slot in job.slots[1:]:
+            self.cache = self.steps.copy_row(self.cache, np.int32(first), np.int32(slot))
+        for index, slot in enumerate(job.slots):
             self.counts = self.steps.clear_counts(self.counts, np.int32(slot))
             self._slots[slot] = _Sequence(
                 handle=handle,
                 index=index,
                 slot=slot,
-                token=prompt[-1],
-                position=len(prompt) - 1,
+                token=handle.prompt_ids[-1],
+                position=len(handle.prompt_ids) - 1,
                 text=CompletionText(self.tokenizer, handle.options.stop),
             )
-
-    def _prefill(self, prompt: list[int], slot: int, top_logprobs: int | None):
-        """Writes the keys and values of all prompt tokens but the last into `slot`; with
-        top_logprobs, returns each prompt token's logprob (None for the first)."""
-        logprobs: list[TokenLogprob | None] | None = None if top_logprobs is None else [None]
-        for start, size, kv_length in self._prefill_plan(len(prompt) - 1):
-            chunk = prompt[start : start + size]
-            tokens = np.zeros((1, size), np.int32)
-            tokens[0, : len(chunk)] = chunk
-            positions = np.full((1, size), self.config.max_cache_length, np.int32)
-            positions[0, : len(chunk)] = np.arange(start, start + len(chunk))
-            if logprobs is None:
-                self.cache = self.steps.prefill(
-                    self.params, self.cache, tokens, positions, np.int32(slot), kv_length=kv_length
-                )
-                continue
-            following = prompt[start + 1 : start + 1 + len(chunk)]
-            targets = np.zeros((1, size), np.int32)
-            targets[0, : len(following)] = following
-            self.cache, chosen, top_tokens, top_values = self.steps.prefill_with_logprobs(
-                self.params,
-                self.cache,
-                tokens,
-                positions,
-                np.int32(slot),
-                targets,
-                kv_length=kv_length,
-            )
-            chosen, top_tokens, top_values = map(np.asarray, (chosen, top_tokens, top_values))
-            for i, token in enumerate(following):
-                logprobs.append(
-                    self._token_logprob(
-                        token, chosen[0, i], top_tokens[0, i], top_values[0, i], top_logprobs
-                    )
-                )
-        return logprobs
 
     def _token_logprob(self, token: int, logprob, top_tokens, top_values, k: int) -> TokenLogprob:
         top = tuple(
@@ -357,7 +385,7 @@ class Scheduler:
         return tokens, positions, sampling, seeds, choices
 
     def _decode_step(self) -> None:
-        live = [s for s in self._slots if s is not None]
+        live = self._decoding()
         rows = bucket(max(s.slot for s in live) + 1, self.config.batch_buckets)
         kv_length = bucket(max(s.position for s in live) + 1, self.config.cache_buckets)
         sampled, self.cache, self.counts = self.steps.decode(
@@ -399,17 +427,24 @@ class Scheduler:
 
     def _finish(self, sequence: _Sequence) -> None:
         self._slots[sequence.slot] = None
-        if not any(s is not None and s.handle is sequence.handle for s in self._slots):
+        if not any(s.handle is sequence.handle for s in self._decoding()):
             sequence.handle.put(DONE)
 
     def _drop_cancelled(self) -> None:
-        for s in self._slots:
-            if s is not None and s.handle.cancelled.is_set():
+        for job in [j for j in self._prefilling if j.handle.cancelled.is_set()]:
+            self._prefilling.remove(job)
+            for slot in job.slots:
+                self._slots[slot] = None
+            job.handle.put(DONE)
+        for s in self._decoding():
+            if s.handle.cancelled.is_set():
                 s.handle.put(Delta(s.index, "", (), None, "cancelled"))
                 self._finish(s)
 
     def _fail_all(self, error: BaseException) -> None:
-        handles = {id(s.handle): s.handle for s in self._slots if s is not None}
+        handles = {id(s.handle): s.handle for s in self._decoding()}
+        handles.update({id(job.handle): job.handle for job in self._prefilling})
+        self._prefilling.clear()
         with self._wake:
             handles.update({id(h): h for h in self._waiting})
             self._waiting.clear()
