@@ -60,7 +60,7 @@ def _generate(args) -> int:
     if len(args.words) > 2:
         raise ValueError("generate takes [MODEL] PROMPT: quote a prompt that has spaces")
     model, prompt = (registry.DEFAULT_MODEL, *args.words) if len(args.words) == 1 else args.words
-    lab = fl.load(model, progress=sys.stderr.isatty())
+    lab = fl.load(model)
     sampling = dict(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )

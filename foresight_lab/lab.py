@@ -137,7 +137,7 @@ class Lab:
         model, sampling = self.engine.next_token_distribution(prompt_ids, options)
         return NextTokenDistribution(model, sampling, self.tokenizer)
 
-    def warmup(self, progress: bool = True) -> Lab:
+    def warmup(self, progress: bool | None = None) -> Lab:
         """Compiles every shape the engine can run, so later calls never wait to compile."""
         self.engine.warmup(progress=progress)
         return self
@@ -190,7 +190,7 @@ def load(
     *,
     max_slots: int = 8,
     max_cache_length: int = 2048,
-    progress: bool = True,
+    progress: bool | None = None,
     warmup: bool = False,
     mesh=None,
 ) -> Lab:

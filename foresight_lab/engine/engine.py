@@ -9,11 +9,11 @@ handle.result()                             # or wait for the Completion
 from __future__ import annotations
 
 import jax
-from tqdm.auto import tqdm
 
 from foresight_lab.engine.kv_cache import EngineConfig
 from foresight_lab.engine.request import SamplingOptions
 from foresight_lab.engine.scheduler import RequestHandle, Scheduler
+from foresight_lab.progress import progress_bar
 from foresight_lab.weights.loader import LoadedModel
 
 
@@ -42,10 +42,10 @@ class Engine:
         """Queues a request; raises InvalidRequestError at once if it cannot run."""
         return self._scheduler.submit(list(prompt_ids), options)
 
-    def warmup(self, progress: bool = True) -> None:
+    def warmup(self, progress: bool | None = None) -> None:
         """Compiles every shape bucket now, so that no request waits for a compilation."""
         shapes = self._scheduler.shapes()
-        for shape in tqdm(shapes, desc="Compiling", unit="shape", disable=not progress):
+        for shape in progress_bar(shapes, desc="Compiling", unit="shape", progress=progress):
             self._scheduler.compile_shape(*shape)
 
     def next_token_distribution(self, prompt_ids: list[int], options: SamplingOptions):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-from tqdm.auto import tqdm
-
 from foresight_lab.models.config import ModelConfig
+from foresight_lab.progress import progress_bar
 from foresight_lab.tokenizer import eos_token_ids, load_tokenizer
 from foresight_lab.weights import registry
 from foresight_lab.weights.gguf import count_tensors, read_gguf
@@ -30,16 +29,18 @@ class LoadedModel:
         return getattr(self.tokenizer, "chat_template", None)
 
 
-def load_model(model: str = registry.DEFAULT_MODEL, *, progress: bool = True) -> LoadedModel:
+def load_model(model: str = registry.DEFAULT_MODEL, *, progress: bool | None = None) -> LoadedModel:
     """Resolves MODEL (fetching a built-in alias on first use) and reads its weights."""
     path = registry.resolve(str(model), progress=progress)
     if path.is_file():
         total = count_tensors(path)
-        with tqdm(total=total, desc="Loading weights", unit="tensor", disable=not progress) as bar:
+        with progress_bar(
+            total=total, desc="Loading weights", unit="tensor", progress=progress
+        ) as bar:
             config, params, metadata = read_gguf(path, on_tensor=lambda _: bar.update())
     else:
         metadata = None
-        with tqdm(desc="Loading weights", unit="tensor", disable=not progress) as bar:
+        with progress_bar(desc="Loading weights", unit="tensor", progress=progress) as bar:
             config, params = read_hf_directory(path, on_tensor=lambda _: bar.update())
     tokenizer = load_tokenizer(path)
     return LoadedModel(

