@@ -116,10 +116,19 @@ class Lab:
         Takes the same sampling arguments as `generate`; max_tokens defaults to the
         rest of the context (the reply ends at the model's end-of-turn token).
         """
-        _check_messages(messages)
-        prompt = render_chat(self.tokenizer, list(messages))
-        prompt_ids = self.tokenize(prompt, add_special_tokens=False)
+        prompt_ids = self.tokenize(self.render_chat(messages), add_special_tokens=False)
         return self.generate(prompt_ids, max_tokens=max_tokens, **sampling)
+
+    def render_chat(self, messages: Sequence[dict]) -> str:
+        """The prompt text the model's chat template makes of a conversation."""
+        _check_messages(messages)
+        return render_chat(self.tokenizer, list(messages))
+
+    def playground(self, prompt: str = "The capital of France is"):
+        """An ipywidgets app to sample from this model and inspect its next-token choices."""
+        from foresight_lab.widgets import Playground  # the notebook floor, loaded on demand
+
+        return Playground(self, prompt)
 
     def next_token_distribution(
         self,
