@@ -7,6 +7,7 @@ foresight-lab pull MODEL
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from foresight_lab.engine.request import FORESIGHT_DEFAULT_TEMPERATURE, InvalidRequestError
@@ -34,6 +35,19 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--chat", action="store_true", help="send PROMPT as a user message")
 
+    serve = commands.add_parser("serve", help="serve MODEL at the Foresight (OpenAI) API")
+    serve.add_argument("model", nargs="?", default=registry.DEFAULT_MODEL, metavar="MODEL")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("FORESIGHT_LAB_API_KEY"),
+        help="(or FORESIGHT_LAB_API_KEY)",
+    )
+    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument("--max-slots", type=int, default=8)
+    serve.add_argument("--max-cache-length", type=int, default=2048)
+
     pull = commands.add_parser("pull", help="fetch a built-in model into the local cache")
     pull.add_argument("model", choices=sorted(registry.BUILTIN_MODELS))
     pull.add_argument("--force", action="store_true", help="fetch again even if cached")
@@ -48,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
         elif args.command == "generate":
             return _generate(args)
+        elif args.command == "serve":
+            return _serve(args)
     except (InvalidRequestError, registry.ModelNotFoundError, ValueError) as error:
         print(f"foresight-lab: error: {error}", file=sys.stderr)
         return 2
@@ -72,5 +88,23 @@ def _generate(args) -> int:
     for piece in pieces:
         print(piece, end="", flush=True)
     print()
+    lab.engine.shutdown()
+    return 0
+
+
+def _serve(args) -> int:
+    """Serves in the foreground until Ctrl-C (SIGINT) or SIGTERM."""
+    import uvicorn
+
+    import foresight_lab as fl
+    from foresight_lab.server import create_app
+    from foresight_lab.server.serve import warn_if_open
+
+    lab = fl.load(args.model, max_slots=args.max_slots, max_cache_length=args.max_cache_length)
+    warn_if_open(args.host, args.api_key)
+    app = create_app(lab.engine, api_key=args.api_key, served_model_name=args.served_model_name)
+    name = args.served_model_name or lab.name
+    print(f"Serving {name} at http://{args.host}:{args.port}/openai (Ctrl-C stops)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", lifespan="off")
     lab.engine.shutdown()
     return 0

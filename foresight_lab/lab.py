@@ -8,6 +8,7 @@ lab.chat([{"role": "user", "content": "Hi"}], seed=7, n=2)
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -21,6 +22,7 @@ from foresight_lab.engine.request import (
     InvalidRequestError,
     SamplingOptions,
 )
+from foresight_lab.server.serve import ServerHandle, serve
 from foresight_lab.tokenizer import render_chat
 from foresight_lab.weights import registry
 from foresight_lab.weights.loader import LoadedModel, load_model
@@ -118,6 +120,22 @@ class Lab:
         """
         prompt_ids = self.tokenize(self.render_chat(messages), add_special_tokens=False)
         return self.generate(prompt_ids, max_tokens=max_tokens, **sampling)
+
+    def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        api_key: str | None = None,
+        served_model_name: str | None = None,
+    ) -> ServerHandle:
+        """Serves this model at the Foresight (OpenAI-compatible) API in the background.
+
+        Returns at once with a handle: `server.base_url` is what an OpenAI client takes
+        (`http://HOST:PORT/openai`), `server.stop()` ends it. port=0 picks a free port;
+        api_key defaults to $FORESIGHT_LAB_API_KEY (none: no authentication).
+        """
+        api_key = api_key if api_key is not None else os.environ.get("FORESIGHT_LAB_API_KEY")
+        return serve(self.engine, host, port, api_key, served_model_name)
 
     def render_chat(self, messages: Sequence[dict]) -> str:
         """The prompt text the model's chat template makes of a conversation."""

@@ -31,6 +31,6 @@ def smollm2_path():
 def smollm2_lab(smollm2_path) -> Lab:
     import foresight_lab as fl
 
-    lab = fl.load(str(smollm2_path), max_slots=4, max_cache_length=512, progress=False)
+    lab = fl.load("smollm2-135m", max_slots=4, max_cache_length=512, progress=False)
     yield lab
     lab.engine.shutdown()

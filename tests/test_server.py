@@ -1,0 +1,431 @@
+"""The Foresight API on a real uvicorn server, called with the official `openai` client."""
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from foresight_lab.engine.kv_cache import EngineConfig
+from foresight_lab.lab import Lab
+
+KEY = "sk-test-key"
+HELLO = [{"role": "user", "content": "hello world"}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_lab):
+    handle = tiny_lab.serve(port=0, api_key=KEY)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(
+        base_url=server.base_url, api_key=KEY, max_retries=0, _strict_response_validation=True
+    )
+
+
+def raw(server, method, path, **kwargs):
+    headers = {"Authorization": f"Bearer {KEY}", **kwargs.pop("headers", {})}
+    return httpx.request(method, server.url + path, headers=headers, timeout=60, **kwargs)
+
+
+def wait_idle(lab, seconds=10):
+    deadline = time.monotonic() + seconds
+    while lab.engine.active_slots and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return lab.engine.active_slots
+
+
+# ---- the happy paths ---------------------------------------------------------------
+
+
+def test_models_lists_the_served_model_with_its_limits(client, tiny_lab):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [tiny_lab.name]
+    card = client.models.retrieve(tiny_lab.name)
+    assert card.owned_by == "foresight-lab"
+    assert card.model_extra["context_length"] == 256
+
+
+def test_chat_completion_equals_the_notebook_api(client, tiny_lab):
+    reply = client.chat.completions.create(
+        model=tiny_lab.name, messages=HELLO, temperature=0, max_tokens=10
+    )
+    expected = tiny_lab.chat(HELLO, temperature=0, max_tokens=10)
+    assert reply.id.startswith("chatcmpl-") and reply.object == "chat.completion"
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason == expected.finish_reason
+    assert reply.usage.prompt_tokens == expected.usage.prompt_tokens
+    assert reply.usage.completion_tokens == expected.usage.completion_tokens
+    assert reply.usage.total_tokens == expected.usage.total_tokens
+
+
+def test_streamed_chat_equals_the_whole_reply_at_temperature_0(client, tiny_lab):
+    kwargs = dict(model=tiny_lab.name, messages=HELLO, temperature=0, max_tokens=20)
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(
+        client.chat.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finishes == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+
+
+def test_n_choices_with_a_seed_are_reproducible(client, tiny_lab):
+    kwargs = dict(model=tiny_lab.name, messages=HELLO, temperature=1.0, seed=5, n=3, max_tokens=8)
+    first = client.chat.completions.create(**kwargs)
+    second = client.chat.completions.create(**kwargs)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in second.choices]
+    assert len({c.message.content for c in first.choices}) > 1
+    assert first.usage.completion_tokens == 24
+
+
+def test_streamed_n_choices_each_finish_once(client, tiny_lab):
+    stream = client.chat.completions.create(
+        model=tiny_lab.name, messages=HELLO, n=2, seed=1, max_tokens=6, stream=True
+    )
+    finishes = [
+        (c.index, c.finish_reason) for chunk in stream for c in chunk.choices if c.finish_reason
+    ]
+    assert sorted(finishes) == [(0, "length"), (1, "length")]
+
+
+def test_completions_with_a_list_of_prompts_and_n(client, tiny_lab):
+    prompts = ["the quick brown", "hello"]
+    out = client.completions.create(
+        model=tiny_lab.name, prompt=prompts, n=2, seed=3, temperature=0.8, max_tokens=5
+    )
+    assert out.object == "text_completion" and out.id.startswith("cmpl-")
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    for i, prompt in enumerate(prompts):
+        expected = tiny_lab.generate(prompt, n=2, seed=3, temperature=0.8, max_tokens=5)
+        assert [c.text for c in out.choices[2 * i : 2 * i + 2]] == [
+            c.text for c in expected.choices
+        ]
+    assert out.usage.completion_tokens == 20
+    assert out.usage.prompt_tokens == sum(len(tiny_lab.tokenize(p)) for p in prompts)
+
+
+def test_streamed_completion_equals_the_whole_text(server, client, tiny_lab):
+    kwargs = dict(model=tiny_lab.name, prompt="hello world", temperature=0, max_tokens=12)
+    whole = client.completions.create(**kwargs).choices[0].text
+    # The SDK types a completion chunk's finish_reason as never null, so strict
+    # validation rejects every chunk but the last from any server (OpenAI's included).
+    lenient = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
+    chunks = list(lenient.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
+
+
+def test_stop_ends_the_text_before_the_stop(client, tiny_lab):
+    free = tiny_lab.generate("hello world", temperature=1.0, seed=5, max_tokens=30).text
+    stop = free[8:10]
+    out = client.completions.create(
+        model=tiny_lab.name,
+        prompt="hello world",
+        temperature=1.0,
+        seed=5,
+        max_tokens=30,
+        stop=[stop],
+    )
+    assert out.choices[0].text == free[: free.index(stop)]
+    assert out.choices[0].finish_reason == "stop"
+
+
+def test_chat_logprobs_with_alternatives(client, tiny_lab):
+    reply = client.chat.completions.create(
+        model=tiny_lab.name,
+        messages=HELLO,
+        temperature=0,
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = reply.choices[0].logprobs.content
+    assert len(content) == 4
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+
+
+def test_completion_logprobs_with_echo_cover_prompt_and_completion(client, tiny_lab):
+    prompt = "the quick brown"
+    out = client.completions.create(
+        model=tiny_lab.name, prompt=prompt, temperature=0, max_tokens=3, logprobs=2, echo=True
+    )
+    choice = out.choices[0]
+    assert choice.text.startswith(prompt)
+    prompt_tokens = len(tiny_lab.tokenize(prompt))
+    assert len(choice.logprobs.tokens) == prompt_tokens - 1 + 3  # the first prompt token has none
+    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs)
+    assert choice.logprobs.text_offset == sorted(choice.logprobs.text_offset)
+
+
+def test_max_completion_tokens_wins_over_max_tokens(client, tiny_lab):
+    reply = client.chat.completions.create(
+        model=tiny_lab.name, messages=HELLO, max_tokens=50, max_completion_tokens=3
+    )
+    assert reply.usage.completion_tokens == 3 and reply.choices[0].finish_reason == "length"
+
+
+def test_foresight_and_unknown_fields_are_accepted(client, tiny_lab):
+    reply = client.chat.completions.create(
+        model=tiny_lab.name,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "hello"}]}],
+        max_tokens=2,
+        user="someone",
+        extra_body={
+            "answer_type": "Binary",
+            "reasoning_effort": "low",
+            "research": False,
+            "foo": 1,
+        },
+    )
+    assert reply.usage.completion_tokens == 2
+
+
+# ---- errors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"messages": HELLO, "temperature": 3}, 400, "temperature"),
+        ({"messages": HELLO, "top_p": 0}, 400, "top_p"),
+        ({"messages": HELLO, "n": 0}, 400, "n"),
+        ({"messages": HELLO, "n": 9}, 400, "n"),
+        ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
+        ({"messages": HELLO, "max_tokens": 1000}, 400, "max_tokens"),
+        ({"messages": HELLO, "top_logprobs": 2}, 400, "top_logprobs"),
+        ({"messages": HELLO, "temperature": "hot"}, 400, "temperature"),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": [{"content": "no role"}]}, 400, "messages.0.role"),
+        ({}, 400, "messages"),
+        ({"messages": HELLO, "model": "gpt-4"}, 404, "model"),
+    ],
+)
+def test_bad_requests_get_the_openai_error_body_naming_the_field(
+    server, tiny_lab, body, status, param
+):
+    response = raw(
+        server, "POST", "/openai/chat/completions", json={"model": tiny_lab.name, **body}
+    )
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["param"] == param and param.split(".")[0] in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_the_openai_client_raises_its_own_error_types(client, tiny_lab):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=tiny_lab.name, messages=HELLO, temperature=2.5)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=HELLO)
+
+
+def test_a_missing_or_wrong_key_is_401(server):
+    assert raw(server, "GET", "/openai/models", headers={"Authorization": ""}).status_code == 401
+    wrong = raw(server, "GET", "/openai/models", headers={"Authorization": "Bearer sk-wrong"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_malformed_json_oversized_bodies_and_unknown_routes(server):
+    bad = raw(
+        server,
+        "POST",
+        "/openai/completions",
+        content=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
+    assert bad.status_code == 400 and "JSON" in bad.json()["error"]["message"]
+    huge = raw(server, "POST", "/openai/completions", content=b"x" * (5 * 2**20))
+    assert huge.status_code == 413
+    assert raw(server, "GET", "/openai/nothing").status_code == 404
+    assert raw(server, "GET", "/openai/chat/completions").status_code == 405
+
+
+def test_a_full_queue_is_429_with_retry_after(tiny_lab):
+    lab = Lab(tiny_lab.model, EngineConfig(max_slots=1, max_cache_length=128, max_queue=1))
+    with lab.serve(port=0) as server:
+        body = {"model": lab.name, "prompt": "hello", "max_tokens": 100, "ignore_eos": True}
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            responses = list(
+                pool.map(lambda _: raw(server, "POST", "/openai/completions", json=body), range(6))
+            )
+    lab.engine.shutdown()
+    statuses = sorted(r.status_code for r in responses)
+    assert 200 in statuses and 429 in statuses
+    limited = next(r for r in responses if r.status_code == 429)
+    assert limited.headers["Retry-After"] == "1" and limited.json()["error"]["code"] == "queue_full"
+
+
+# ---- concurrency, disconnects, lifecycle -------------------------------------------
+
+
+def test_concurrent_clients_get_their_own_completions(client, tiny_lab):
+    prompts = [f"the quick brown {word}" for word in "abcdefgh"]
+    expected = [tiny_lab.generate(p, temperature=0, max_tokens=12).text for p in prompts]
+
+    def ask(prompt):
+        out = client.completions.create(
+            model=tiny_lab.name, prompt=prompt, temperature=0, max_tokens=12
+        )
+        return out.choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(ask, prompts)) == expected
+
+
+def test_async_clients_are_served_concurrently(server, tiny_lab):
+    async def main():
+        async with openai.AsyncOpenAI(
+            base_url=server.base_url, api_key=KEY, max_retries=0
+        ) as client:
+            calls = [
+                client.chat.completions.create(
+                    model=tiny_lab.name, messages=HELLO, seed=i, max_tokens=6
+                )
+                for i in range(6)
+            ]
+            return await asyncio.gather(*calls)
+
+    replies = asyncio.run(main())
+    assert all(r.usage.completion_tokens == 6 for r in replies)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, tiny_lab):
+    body = {
+        "model": tiny_lab.name,
+        "prompt": "hello",
+        "max_tokens": 200,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with httpx.stream(
+        "POST",
+        server.url + "/openai/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEY}"},
+    ) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        assert tiny_lab.engine.active_slots == 1
+    assert wait_idle(tiny_lab) == 0
+
+
+def test_serve_works_inside_a_running_event_loop_and_restarts(tiny_lab):
+    async def inside_a_kernel():  # a Jupyter kernel's loop is running while cells execute
+        handle = tiny_lab.serve(port=0)
+        models = httpx.get(handle.url + "/openai/models").json()
+        handle.stop()
+        return handle, models
+
+    first, models = asyncio.run(inside_a_kernel())
+    assert models["data"][0]["id"] == tiny_lab.name and not first.running
+    with tiny_lab.serve(port=0) as second:
+        assert httpx.get(second.base_url + "/models").status_code == 200
+    assert not second.running
+
+
+def test_serving_beyond_loopback_without_a_key_warns(tiny_lab):
+    with (
+        pytest.warns(UserWarning, match="without an API key"),
+        tiny_lab.serve(host="0.0.0.0", port=0),
+    ):
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_cli_serves_a_model_directory_and_stops_on_ctrl_c(tmp_path):
+    from tests.tiny import tiny_hf_model, tiny_tokenizer
+
+    directory = tmp_path / "tiny-qwen3"
+    tiny_hf_model("qwen3").save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "foresight_lab",
+            "serve",
+            str(directory),
+            "--port",
+            str(port),
+            "--api-key",
+            KEY,
+            "--max-cache-length",
+            "128",
+            "--max-slots",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "FORESIGHT_LAB_PROGRESS": "0"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                response = httpx.post(
+                    f"http://127.0.0.1:{port}/openai/completions",
+                    json={"model": "tiny-qwen3", "prompt": "hello", "max_tokens": 3},
+                    headers={"Authorization": f"Bearer {KEY}"},
+                )
+                break
+            except httpx.ConnectError:
+                assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+                time.sleep(0.2)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 3
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+@pytest.mark.real_model
+def test_the_real_model_over_http_streams_what_it_answers(smollm2_lab):
+    with smollm2_lab.serve(port=0, api_key=KEY) as server:
+        client = openai.OpenAI(
+            base_url=server.base_url, api_key=KEY, _strict_response_validation=True
+        )
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        kwargs = dict(model="smollm2-135m", messages=question, temperature=0, max_tokens=24)
+        whole = client.chat.completions.create(**kwargs)
+        streamed = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(**kwargs, stream=True)
+            if c.choices
+        )
+    assert "Paris" in whole.choices[0].message.content
+    assert streamed == whole.choices[0].message.content
+    assert json.loads(whole.model_dump_json())["model"] == "smollm2-135m"
