@@ -17,16 +17,12 @@ class APIError(Exception):
         super().__init__(message)
         self.message, self.param, self.code = message, param, code
 
+    def body(self) -> dict:
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return {"error": error}
+
     def response(self) -> JSONResponse:
-        body = {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-        return JSONResponse(body, status_code=self.status, headers=self.headers())
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers())
 
     def headers(self) -> dict[str, str]:
         return {}

@@ -219,6 +219,11 @@ async def _merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, Delt
             task.cancel()
 
 
+def _stream_failure(what: str, error: Exception) -> str:
+    log.exception(what)
+    return _sse(InternalError(f"{what}: {error}").body())
+
+
 def _sse(payload: dict | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {data}\n\n"
@@ -374,10 +379,7 @@ async def _chat_events(service: Service, body: ChatCompletionRequest, handle: Re
             if delta.finish_reason:
                 yield chunk(delta.index, {}, delta.finish_reason)
     except Exception as error:  # the engine failed mid-stream: say so, in the stream
-        log.exception("chat stream failed")
-        yield _sse(
-            {"error": {"message": str(error), "type": "server_error", "param": None, "code": None}}
-        )
+        yield _stream_failure("chat stream failed", error)
         return
     if body.include_usage:
         yield _sse(
@@ -420,11 +422,8 @@ async def _completion_events(
                 yield chunk(index, text, logprobs=logprobs)
             if delta.finish_reason:
                 yield chunk(index, "", delta.finish_reason)
-    except Exception as error:
-        log.exception("completion stream failed")
-        yield _sse(
-            {"error": {"message": str(error), "type": "server_error", "param": None, "code": None}}
-        )
+    except Exception as error:  # the engine failed mid-stream: say so, in the stream
+        yield _stream_failure("completion stream failed", error)
         return
     if body.include_usage:
         prompt_tokens = sum(len(h.prompt_ids) for h in handles)
