@@ -1,5 +1,6 @@
 """The `foresight-lab` command line (also `python -m foresight_lab`), after vLLM's shape.
 
+foresight-lab serve [MODEL] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--served-model-name NAME]
 foresight-lab generate [MODEL] PROMPT [--max-tokens N] [--temperature T] [--seed S]
 foresight-lab pull MODEL
 """
@@ -38,13 +39,17 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve MODEL at the Foresight (OpenAI) API")
     serve.add_argument("model", nargs="?", default=registry.DEFAULT_MODEL, metavar="MODEL")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument(
         "--api-key",
         default=os.environ.get("FORESIGHT_LAB_API_KEY"),
         help="(or FORESIGHT_LAB_API_KEY)",
     )
-    serve.add_argument("--served-model-name", default=None)
+    serve.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id clients send (default: the alias, or the file or directory name)",
+    )
     serve.add_argument("--max-slots", type=int, default=8)
     serve.add_argument("--max-cache-length", type=int, default=2048)
 
@@ -93,18 +98,38 @@ def _generate(args) -> int:
 
 
 def _serve(args) -> int:
-    """Serves in the foreground until Ctrl-C (SIGINT) or SIGTERM."""
-    import uvicorn
+    """Serves in the foreground until Ctrl-C (SIGINT) or SIGTERM, then stops cleanly."""
+    import signal
+    import threading
 
     import foresight_lab as fl
-    from foresight_lab.server import create_app
-    from foresight_lab.server.serve import warn_if_open
+    from foresight_lab.server import serve
 
     lab = fl.load(args.model, max_slots=args.max_slots, max_cache_length=args.max_cache_length)
-    warn_if_open(args.host, args.api_key)
-    app = create_app(lab.engine, api_key=args.api_key, served_model_name=args.served_model_name)
+    try:
+        server = serve(
+            lab.engine,
+            args.host,
+            args.port,
+            api_key=args.api_key,
+            served_model_name=args.served_model_name,
+            log_level="info",
+        )
+    except OSError as error:
+        lab.engine.shutdown()
+        print(
+            f"foresight-lab: error: cannot listen on {args.host}:{args.port}: {error}",
+            file=sys.stderr,
+        )
+        return 1
     name = args.served_model_name or lab.name
-    print(f"Serving {name} at http://{args.host}:{args.port}/openai (Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", lifespan="off")
+    print(f"Serving {name} at {server.base_url} (Ctrl-C stops)", flush=True)
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    while server.running and not stopping.wait(0.2):
+        pass
+    print("Stopping: letting open requests finish", flush=True)
+    server.stop()
     lab.engine.shutdown()
-    return 0
+    return 0 if stopping.is_set() else 1

@@ -2,12 +2,13 @@
 
 import asyncio
 import concurrent.futures
-import json
 import os
+import queue
+import re
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -168,17 +169,35 @@ def test_chat_logprobs_with_alternatives(client, tiny_lab):
         assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
 
 
-def test_completion_logprobs_with_echo_cover_prompt_and_completion(client, tiny_lab):
+def test_completion_logprobs_with_echo_cover_prompt_and_completion(server, tiny_lab):
+    # Raw HTTP: the first echoed token's logprob is null, as OpenAI sends it, which the
+    # SDK's types (a list of floats) do not allow for.
     prompt = "the quick brown"
-    out = client.completions.create(
-        model=tiny_lab.name, prompt=prompt, temperature=0, max_tokens=3, logprobs=2, echo=True
+    body = {"model": tiny_lab.name, "prompt": prompt, "temperature": 0, "max_tokens": 3}
+    out = raw(server, "POST", "/openai/completions", json={**body, "logprobs": 2, "echo": True})
+    choice = out.json()["choices"][0]
+    plain = tiny_lab.generate(prompt, temperature=0, max_tokens=3, logprobs=True)
+    assert choice["text"] == prompt + plain.text
+    logprobs = choice["logprobs"]
+    prompt_ids = tiny_lab.tokenize(prompt)
+    assert len(logprobs["tokens"]) == len(prompt_ids) + 3
+    assert "".join(logprobs["tokens"]) == choice["text"]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert logprobs["token_logprobs"][-3:] == pytest.approx(
+        [e.logprob for e in plain.choices[0].logprobs]
     )
-    choice = out.choices[0]
-    assert choice.text.startswith(prompt)
-    prompt_tokens = len(tiny_lab.tokenize(prompt))
-    assert len(choice.logprobs.tokens) == prompt_tokens - 1 + 3  # the first prompt token has none
-    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs)
-    assert choice.logprobs.text_offset == sorted(choice.logprobs.text_offset)
+    assert all(len(top) == 2 for top in logprobs["top_logprobs"][1:])
+    offsets = logprobs["text_offset"]
+    assert offsets[0] == 0 and offsets == sorted(offsets)
+
+
+def test_completion_logprobs_without_echo_through_the_client(client, tiny_lab):
+    out = client.completions.create(
+        model=tiny_lab.name, prompt="the quick brown", temperature=0, max_tokens=3, logprobs=1
+    )
+    logprobs = out.choices[0].logprobs
+    assert "".join(logprobs.tokens) == out.choices[0].text and len(logprobs.tokens) == 3
+    assert logprobs.text_offset[0] == 0 and all(v <= 0 for v in logprobs.token_logprobs)
 
 
 def test_max_completion_tokens_wins_over_max_tokens(client, tiny_lab):
@@ -244,27 +263,6 @@ def test_the_openai_client_raises_its_own_error_types(client, tiny_lab):
         client.chat.completions.create(model="nope", messages=HELLO)
 
 
-def test_a_missing_or_wrong_key_is_401(server):
-    assert raw(server, "GET", "/openai/models", headers={"Authorization": ""}).status_code == 401
-    wrong = raw(server, "GET", "/openai/models", headers={"Authorization": "Bearer sk-wrong"})
-    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
-
-
-def test_malformed_json_oversized_bodies_and_unknown_routes(server):
-    bad = raw(
-        server,
-        "POST",
-        "/openai/completions",
-        content=b"{not json",
-        headers={"Content-Type": "application/json"},
-    )
-    assert bad.status_code == 400 and "JSON" in bad.json()["error"]["message"]
-    huge = raw(server, "POST", "/openai/completions", content=b"x" * (5 * 2**20))
-    assert huge.status_code == 413
-    assert raw(server, "GET", "/openai/nothing").status_code == 404
-    assert raw(server, "GET", "/openai/chat/completions").status_code == 405
-
-
 def test_a_full_queue_is_429_with_retry_after(tiny_lab):
     lab = Lab(tiny_lab.model, EngineConfig(max_slots=1, max_cache_length=128, max_queue=1))
     with lab.serve(port=0) as server:
@@ -295,6 +293,27 @@ def test_concurrent_clients_get_their_own_completions(client, tiny_lab):
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         assert list(pool.map(ask, prompts)) == expected
+
+
+def test_a_seeded_request_gives_the_same_text_beside_eight_others(client, tiny_lab):
+    mine = dict(model=tiny_lab.name, messages=HELLO, temperature=1.0, seed=42, max_tokens=16)
+    alone = client.chat.completions.create(**mine).choices[0].message.content
+
+    def other(i):
+        return client.completions.create(
+            model=tiny_lab.name,
+            prompt=f"other {i}",
+            temperature=1.0,
+            seed=i,
+            max_tokens=24,
+            extra_body={"ignore_eos": True},
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(9) as pool:
+        others = [pool.submit(other, i) for i in range(8)]
+        beside = pool.submit(lambda: client.chat.completions.create(**mine))
+        assert beside.result().choices[0].message.content == alone
+        assert all(f.result().usage.completion_tokens == 24 for f in others)
 
 
 def test_async_clients_are_served_concurrently(server, tiny_lab):
@@ -334,18 +353,48 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, tiny_lab):
     assert wait_idle(tiny_lab) == 0
 
 
-def test_serve_works_inside_a_running_event_loop_and_restarts(tiny_lab):
+def test_serve_works_inside_a_running_event_loop_twice_in_a_row(tiny_lab):
     async def inside_a_kernel():  # a Jupyter kernel's loop is running while cells execute
-        handle = tiny_lab.serve(port=0)
-        models = httpx.get(handle.url + "/openai/models").json()
-        handle.stop()
-        return handle, models
+        asyncio.get_running_loop()
+        seen = []
+        for _ in range(2):
+            handle = tiny_lab.serve(port=0)
+            ticks = 0
 
-    first, models = asyncio.run(inside_a_kernel())
-    assert models["data"][0]["id"] == tiny_lab.name and not first.running
-    with tiny_lab.serve(port=0) as second:
-        assert httpx.get(second.base_url + "/models").status_code == 200
-    assert not second.running
+            async def tick():  # the caller's loop keeps running while the server answers
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.01)
+
+            ticker = asyncio.ensure_future(tick())
+            async with httpx.AsyncClient(base_url=handle.base_url, timeout=60) as http:
+                reply = await http.post(
+                    "/completions", json={"model": tiny_lab.name, "prompt": "hi", "max_tokens": 4}
+                )
+            ticker.cancel()
+            handle.stop()
+            seen.append(
+                (handle.port, reply.json()["usage"]["completion_tokens"], ticks, handle.running)
+            )
+        return seen
+
+    (port_a, tokens_a, ticks_a, running_a), (port_b, tokens_b, _, running_b) = asyncio.run(
+        inside_a_kernel()
+    )
+    assert port_a > 0 and port_b > 0 and tokens_a == tokens_b == 4
+    assert ticks_a > 0 and not running_a and not running_b
+    with tiny_lab.serve(port=0) as again:
+        assert httpx.get(again.base_url + "/models").status_code == 200
+    assert not again.running
+
+
+def test_lab_serve_takes_the_key_from_the_environment(tiny_lab, monkeypatch):
+    monkeypatch.setenv("FORESIGHT_LAB_API_KEY", "sk-from-env")
+    with tiny_lab.serve(port=0) as server:
+        assert httpx.get(server.base_url + "/models").status_code == 401
+        ok = httpx.get(server.base_url + "/models", headers={"Authorization": "Bearer sk-from-env"})
+        assert ok.status_code == 200
 
 
 def test_serving_beyond_loopback_without_a_key_warns(tiny_lab):
@@ -356,10 +405,27 @@ def test_serving_beyond_loopback_without_a_key_warns(tiny_lab):
         pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_cli(*args: str, timeout: float = 180):
+    """`foresight-lab serve ... --port 0` as a subprocess; (process, its base URL, its output lines)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "foresight_lab", "serve", *args, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "FORESIGHT_LAB_PROGRESS": "0"},
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in process.stdout], daemon=True).start()
+    deadline, seen = time.monotonic() + timeout, []
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            seen.append(lines.get(timeout=0.5))
+        except queue.Empty:
+            continue
+        if match := re.search(r"Serving \S+ at (http://\S+/openai)", seen[-1]):
+            return process, match.group(1), lines
+    process.kill()
+    raise AssertionError("the server did not start:\n" + "".join(seen))
 
 
 def test_the_cli_serves_a_model_directory_and_stops_on_ctrl_c(tmp_path):
@@ -368,44 +434,49 @@ def test_the_cli_serves_a_model_directory_and_stops_on_ctrl_c(tmp_path):
     directory = tmp_path / "tiny-qwen3"
     tiny_hf_model("qwen3").save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "foresight_lab",
-            "serve",
-            str(directory),
-            "--port",
-            str(port),
-            "--api-key",
-            KEY,
-            "--max-cache-length",
-            "128",
-            "--max-slots",
-            "2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "FORESIGHT_LAB_PROGRESS": "0"},
-    )
+    options = ["--api-key", KEY, "--max-cache-length", "128", "--max-slots", "2"]
+    process, base_url, _ = start_cli(str(directory), *options)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                response = httpx.post(
-                    f"http://127.0.0.1:{port}/openai/completions",
-                    json={"model": "tiny-qwen3", "prompt": "hello", "max_tokens": 3},
-                    headers={"Authorization": f"Bearer {KEY}"},
-                )
-                break
-            except httpx.ConnectError:
-                assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
-                time.sleep(0.2)
+        response = httpx.post(
+            base_url + "/completions",
+            json={"model": "tiny-qwen3", "prompt": "hello", "max_tokens": 3},
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=120,
+        )
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] == 3
+        assert httpx.get(base_url + "/models").status_code == 401
         process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+@pytest.mark.real_model
+def test_the_cli_serves_the_default_model_under_a_chosen_name_and_stops_on_sigterm(smollm2_path):
+    options = [
+        "--served-model-name",
+        "foresight-mini",
+        "--max-cache-length",
+        "256",
+        "--max-slots",
+        "2",
+    ]
+    process, base_url, _ = start_cli(*options)
+    try:
+        client = openai.OpenAI(
+            base_url=base_url, api_key="unused", _strict_response_validation=True
+        )
+        assert [m.id for m in client.models.list()] == ["foresight-mini"]
+        reply = client.chat.completions.create(
+            model="foresight-mini",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+            max_tokens=12,
+        )
+        assert "Paris" in reply.choices[0].message.content
+        process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
     finally:
         if process.poll() is None:
@@ -418,14 +489,54 @@ def test_the_real_model_over_http_streams_what_it_answers(smollm2_lab):
         client = openai.OpenAI(
             base_url=server.base_url, api_key=KEY, _strict_response_validation=True
         )
+        assert [m.id for m in client.models.list()] == ["smollm2-135m"]
         question = [{"role": "user", "content": "What is the capital of France?"}]
         kwargs = dict(model="smollm2-135m", messages=question, temperature=0, max_tokens=24)
         whole = client.chat.completions.create(**kwargs)
-        streamed = "".join(
-            c.choices[0].delta.content or ""
-            for c in client.chat.completions.create(**kwargs, stream=True)
-            if c.choices
+        chunks = list(
+            client.chat.completions.create(
+                **kwargs, stream=True, stream_options={"include_usage": True}
+            )
         )
+        short = client.chat.completions.create(**{**kwargs, "max_completion_tokens": 2})
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert "Paris" in whole.choices[0].message.content
     assert streamed == whole.choices[0].message.content
-    assert json.loads(whole.model_dump_json())["model"] == "smollm2-135m"
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert short.usage.completion_tokens == 2 and short.choices[0].finish_reason == "length"
+
+
+@pytest.mark.real_model
+def test_the_real_model_completes_prompt_lists_with_seeds_stops_and_logprobs(smollm2_lab):
+    prompts = ["The capital of France is", "1, 2, 3,"]
+    with smollm2_lab.serve(port=0) as server:
+        client = openai.OpenAI(
+            base_url=server.base_url, api_key="unused", _strict_response_validation=True
+        )
+        sampled = dict(model="smollm2-135m", prompt=prompts, n=2, seed=7, max_tokens=6)
+        first = client.completions.create(**sampled, temperature=0.8)
+        again = client.completions.create(**sampled, temperature=0.8)
+        stopped = client.completions.create(
+            model="smollm2-135m", prompt="1, 2, 3,", temperature=0, max_tokens=20, stop=[" 6"]
+        )
+        echoed = raw(
+            server,
+            "POST",
+            "/openai/completions",
+            json={
+                "model": "smollm2-135m",
+                "prompt": prompts[0],
+                "max_tokens": 2,
+                "temperature": 0,
+                "logprobs": 1,
+                "echo": True,
+            },
+        ).json()["choices"][0]
+    assert [c.index for c in first.choices] == [0, 1, 2, 3]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    expected = smollm2_lab.generate(prompts[1], n=2, seed=7, max_tokens=6, temperature=0.8)
+    assert [c.text for c in first.choices[2:]] == [c.text for c in expected.choices]
+    assert stopped.choices[0].text == " 4, 5," and stopped.choices[0].finish_reason == "stop"
+    assert echoed["text"].startswith(prompts[0] + " Paris")
+    assert echoed["logprobs"]["token_logprobs"][0] is None
+    assert "".join(echoed["logprobs"]["tokens"]) == echoed["text"]

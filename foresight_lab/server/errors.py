@@ -1,7 +1,8 @@
 """Errors as the OpenAI API reports them: one small family, mapped to status codes here.
 
 Every error body is `{"error": {"message", "type", "param", "code"}}`, and the message
-names the field at fault.
+names the field at fault. Routes raise these; one exception handler turns any of them
+into its response.
 """
 
 from __future__ import annotations
@@ -18,8 +19,14 @@ class APIError(Exception):
         self.message, self.param, self.code = message, param, code
 
     def body(self) -> dict:
-        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return {"error": error}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers())
@@ -29,11 +36,16 @@ class APIError(Exception):
 
 
 class BadRequest(APIError):
+    """Wrong type, range or shape of a field, or a body that is not a JSON object."""
+
     status, type = 400, "invalid_request_error"
 
 
 class Unauthorized(APIError):
     status, type = 401, "invalid_request_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, code="invalid_api_key")
 
     def headers(self):
         return {"WWW-Authenticate": "Bearer"}
@@ -46,12 +58,31 @@ class NotFound(APIError):
 class MethodNotAllowed(APIError):
     status, type = 405, "invalid_request_error"
 
+    def __init__(self, message: str, allowed: str):
+        super().__init__(message, code="method_not_allowed")
+        self.allowed = allowed
+
+    def headers(self):
+        return {"Allow": self.allowed}
+
 
 class PayloadTooLarge(APIError):
     status, type = 413, "invalid_request_error"
 
+    def __init__(self, limit: int):
+        super().__init__(
+            f"request body: larger than the server's limit of {limit} bytes", code="body_too_large"
+        )
+
+
+class UnsupportedMediaType(APIError):
+    status, type = 415, "invalid_request_error"
+
 
 class TooManyRequests(APIError):
+    """The engine's queue is full; clients (the openai package among them) retry after
+    Retry-After seconds."""
+
     status, type = 429, "rate_limit_error"
 
     def __init__(self, message: str, retry_after: int = 1):
@@ -63,4 +94,6 @@ class TooManyRequests(APIError):
 
 
 class InternalError(APIError):
+    """The server failed on a valid request; the server itself keeps running."""
+
     status, type = 500, "server_error"

@@ -1,65 +1,123 @@
 """Request bodies of the Foresight (OpenAI-compatible) API, field by field.
 
-Types and shapes are checked here by pydantic; ranges and limits by the engine's
-`SamplingOptions`, the one place both the notebook API and the server validate. Fields
-a client may send that this server does not use are accepted and ignored.
+Types and shapes are checked here, strictly as the OpenAI API does (`"temperature": "hot"`
+or `"n": 1.5` is a 400, not a guess); ranges and limits by the engine's
+`SamplingOptions`, the one place both the notebook API and the server check them.
+`null` means the field's default. Fields this server does not know are ignored.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from foresight_lab.engine.request import FORESIGHT_DEFAULT_TEMPERATURE, SamplingOptions
 from foresight_lab.server.errors import BadRequest
 
 
+def _is_token_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text_content(value):
+    """A message's content: a string, or a list of text parts, joined into one string."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValueError('must be a string or a list of {"type": "text", "text": ...} parts')
+    texts = []
+    for i, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            raise ValueError(
+                f"part {i} has type {kind!r}; this server reads text only: each part must be "
+                '{"type": "text", "text": ...}'
+            )
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"part {i}: its text must be a string")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _prompts(value) -> list:
+    """A completion prompt as a list: of strings, or of token-id lists."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(_is_token_id(t) for t in value):
+            return [value]
+        if all(isinstance(p, str) for p in value):
+            return value
+        if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in value):
+            return value
+    if value == []:
+        raise ValueError("must not be empty")
+    raise ValueError(
+        "must be a string, a list of strings, a list of token ids, or a list of lists of token ids"
+    )
+
+
+def _stops(value) -> list:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return value
+    raise ValueError("must be a string or a list of up to 4 strings")
+
+
+TextContent = Annotated[str | None, BeforeValidator(_text_content)]
+Prompts = Annotated[list[str | list[int]], BeforeValidator(_prompts)]
+Stops = Annotated[list[str], BeforeValidator(_stops)]
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
 class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessage(_Body):
     role: str
-    content: str | list[TextPart] | None = None
+    content: TextContent = None
     name: str | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
 
 
 class _Sampling(_Body):
+    """The fields both completion routes share."""
+
     model: str
     temperature: float = FORESIGHT_DEFAULT_TEMPERATURE
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
     n: int = 1
-    stop: str | list[str] | None = None
+    stop: Stops = []
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    ignore_eos: bool = False
-    user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: keep going past end-of-sequence
+    user: str | None = None  # accepted, unused
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def options(self, max_tokens: int | None, **extra: Any) -> SamplingOptions:
+    def _options(self, max_tokens: int | None, **extra: Any) -> SamplingOptions:
+        """Raises the engine's InvalidRequestError for values out of range."""
+        if self.stream_options is not None and not self.stream:
+            raise BadRequest("stream_options: only allowed when stream is true", "stream_options")
         return SamplingOptions(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -67,7 +125,7 @@ class _Sampling(_Body):
             top_k=self.top_k,
             min_p=self.min_p,
             n=self.n,
-            stop=self.stop,
+            stop=tuple(self.stop),
             seed=self.seed,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
@@ -81,50 +139,52 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = None  # None: the rest of the context
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = None  # 0 to 20 alternatives per token; needs logprobs
     # Foresight's own fields, accepted (their effect comes with the forecasting work).
     answer_type: str | None = None
     reasoning_effort: str | None = None
-    research: bool | dict | None = None
+    research: Any = None
+
+    @property
+    def max_tokens_field(self) -> str:
+        """The name of the field the token limit came from, for error messages."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     def sampling_options(self) -> SamplingOptions:
-        if self.top_logprobs and not self.logprobs:
-            raise BadRequest("top_logprobs: requires logprobs to be true", "top_logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest(
+                "top_logprobs: requires logprobs to be true", "top_logprobs", "invalid_value"
+            )
         limit = (
             self.max_completion_tokens
             if self.max_completion_tokens is not None
             else self.max_tokens
         )
-        param = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
-        if limit is not None and limit < 1:
-            raise BadRequest(f"{param}: must be a whole number >= 1, got {limit}", param)
-        return self.options(limit, logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0)
+        return self._options(limit, logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0)
 
     def conversation(self) -> list[dict]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+        return [{"role": m.role, "content": m.content or ""} for m in self.messages]
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompts
     max_tokens: int | None = 16  # OpenAI's default for completions
-    logprobs: int | None = None  # how many alternatives per token; 0 = the chosen token only
+    logprobs: int | None = None  # 0 to 20 alternatives per token; 0: the chosen token only
     echo: bool = False
     suffix: str | None = None
-
-    def prompts(self) -> list[str | list[int]]:
-        """The prompt as a list: texts, or token-id lists."""
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if not p:
-            raise BadRequest("prompt: must not be empty", "prompt")
-        if all(isinstance(t, int) for t in p):
-            return [list(p)]
-        return list(p)
+    best_of: int | None = None
 
     def sampling_options(self) -> SamplingOptions:
+        if self.suffix:
+            raise BadRequest("suffix: not supported by this server", "suffix", "unsupported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise BadRequest(
+                f"best_of: only best_of equal to n ({self.n}) is supported, got {self.best_of}",
+                "best_of",
+                "unsupported",
+            )
         wants = self.logprobs is not None
-        return self.options(
+        return self._options(
             self.max_tokens,
             logprobs=wants,
             top_logprobs=self.logprobs or 0,

@@ -1,19 +1,22 @@
 """Serving from a notebook or a script: uvicorn's Server in a background thread.
 
-`uvicorn.run` wants the calling thread's event loop, which a Jupyter kernel already
-runs; a thread with its own loop leaves the kernel free while the server answers.
+`uvicorn.run` wants to run its own event loop in the calling thread, and a Jupyter
+kernel already runs one there; a thread with its own loop leaves the kernel free (and
+the notebook usable) while the server answers. The listening socket is bound here, in
+the caller's thread, so a port in use fails at once and port 0 reads back at once.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 import threading
 import time
 import warnings
 
 import uvicorn
 
-from foresight_lab.server.routes import create_app
+from foresight_lab.server.routes import DEFAULT_MAX_BODY_BYTES, create_app
 
 
 class ServerHandle:
@@ -30,6 +33,7 @@ class ServerHandle:
 
     @property
     def base_url(self) -> str:
+        """What an OpenAI client takes: `OpenAI(base_url=server.base_url, api_key=...)`."""
         return f"{self.url}/openai"
 
     @property
@@ -37,9 +41,13 @@ class ServerHandle:
         return self._thread.is_alive()
 
     def stop(self, timeout: float = 30) -> None:
-        """Stops accepting requests, finishes the open ones, and joins the thread."""
+        """Stops accepting connections, lets open requests finish (streams for a few
+        seconds), and joins the server's thread. Calling it again does nothing."""
         self._server.should_exit = True
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._server.force_exit = True
+            self._thread.join(timeout)
 
     def __enter__(self) -> ServerHandle:
         return self
@@ -65,8 +73,24 @@ def warn_if_open(host: str, api_key: str | None) -> None:
         warnings.warn(
             f"serving on {host} without an API key: anyone who can reach this address can use "
             "the model; pass api_key= (or --api-key, or FORESIGHT_LAB_API_KEY)",
+            UserWarning,
             stacklevel=3,
         )
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket, as uvicorn would bind it; raises OSError (port in use)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def serve(
@@ -75,26 +99,44 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     served_model_name: str | None = None,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     log_level: str = "warning",
     startup_timeout: float = 30,
+    shutdown_timeout: float = 5,
 ) -> ServerHandle:
-    """Starts serving `engine` in a background thread; returns once it accepts connections."""
+    """Starts serving `engine` in a background thread; returns once it accepts
+    connections. port=0 picks a free port (the handle's `port` says which).
+
+    On `stop()`, open requests get `shutdown_timeout` seconds to finish; then they are
+    cut off and their generations cancelled.
+    """
     warn_if_open(host, api_key)
-    app = create_app(engine, api_key=api_key, served_model_name=served_model_name)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off")
+    app = create_app(
+        engine,
+        api_key=api_key,
+        served_model_name=served_model_name,
+        max_body_bytes=max_body_bytes,
+    )
+    sock = _listen(host, port)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        lifespan="off",
+        timeout_graceful_shutdown=shutdown_timeout,
+    )
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # older uvicorn; newer ones check the thread
-    thread = threading.Thread(target=server.run, name=f"foresight-server-{port}", daemon=True)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name=f"foresight-server-{port}", daemon=True
+    )
     thread.start()
     deadline = time.monotonic() + startup_timeout
     while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError(f"the server could not start on {host}:{port} (is the port in use?)")
-        if time.monotonic() > deadline:
+        if not thread.is_alive() or time.monotonic() > deadline:
             server.should_exit = True
-            raise RuntimeError(
-                f"the server did not start on {host}:{port} within {startup_timeout} s"
-            )
+            thread.join(startup_timeout)
+            sock.close()
+            raise RuntimeError(f"the server did not start on {host}:{port}")
         time.sleep(0.01)
-    bound = server.servers[0].sockets[0].getsockname()[1]
-    return ServerHandle(server, thread, host, bound)
+    return ServerHandle(server, thread, host, port)
