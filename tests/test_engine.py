@@ -314,3 +314,14 @@ def test_a_long_prompt_prefilled_in_chunks_between_decode_steps_gives_the_same_t
     rest = list(stream)
     assert batched.token_ids == alone.token_ids
     assert rest[-1].finish_reason == "length"
+
+
+def test_a_top_k_beyond_the_vocabulary_keeps_every_token(tiny_lab):
+    huge = tiny_lab.generate(PROMPT, temperature=1.0, seed=4, max_tokens=8, top_k=2**40)
+    off = tiny_lab.generate(PROMPT, temperature=1.0, seed=4, max_tokens=8, top_k=0)
+    assert huge.token_ids == off.token_ids
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tiny_lab):
+    with pytest.raises(InvalidRequestError, match="token ids must be between 0 and 319"):
+        tiny_lab.generate([5, 320], max_tokens=1)

@@ -124,6 +124,12 @@ class Scheduler:
                 f"{limit - len(prompt_ids)} tokens",
                 "max_tokens",
             )
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= token < vocab for token in prompt_ids):
+            raise InvalidRequestError(
+                f"prompt: token ids must be between 0 and {vocab - 1} (the vocabulary size is {vocab})",
+                "prompt",
+            )
         if options.n > self.config.max_slots:
             raise InvalidRequestError(
                 f"n: {options.n} choices exceed this engine's {self.config.max_slots} slots",
@@ -238,7 +244,7 @@ class Scheduler:
                 for value, dtype in (
                     (o.temperature, np.float32),
                     (o.top_p, np.float32),
-                    (o.top_k, np.int32),
+                    (o.top_k if o.top_k < self.model_config.vocab_size else 0, np.int32),
                     (o.min_p, np.float32),
                     (0.0, np.float32),
                     (0.0, np.float32),
@@ -376,7 +382,9 @@ class Scheduler:
             o = s.handle.options
             tokens[s.slot], positions[s.slot] = s.token, s.position
             temperature[s.slot], top_p[s.slot] = o.temperature, o.top_p
-            top_k[s.slot], min_p[s.slot] = o.top_k, o.min_p
+            # top_k beyond the vocabulary keeps everything, which is what 0 means.
+            top_k[s.slot] = o.top_k if o.top_k < self.model_config.vocab_size else 0
+            min_p[s.slot] = o.min_p
             presence[s.slot], frequency[s.slot] = o.presence_penalty, o.frequency_penalty
             seed = s.handle.seed % 2**64
             seeds[s.slot] = (seed >> 32, seed & 0xFFFFFFFF)
