@@ -22,6 +22,7 @@ from foresight_lab.engine.request import (
     InvalidRequestError,
     SamplingOptions,
 )
+from foresight_lab.forecasting.forecast import Forecaster, ForecastRequest, PredictionResult
 from foresight_lab.server.serve import ServerHandle, serve
 from foresight_lab.tokenizer import render_chat
 from foresight_lab.weights import registry
@@ -35,6 +36,7 @@ class Lab:
         self.model = model
         self.engine = Engine(model, engine_config, mesh)
         self.tokenizer = model.tokenizer
+        self.forecaster = Forecaster(self.engine)
 
     @property
     def name(self) -> str:
@@ -135,7 +137,58 @@ class Lab:
         api_key defaults to $FORESIGHT_LAB_API_KEY (none: no authentication).
         """
         api_key = api_key if api_key is not None else os.environ.get("FORESIGHT_LAB_API_KEY")
-        return serve(self.engine, host, port, api_key, served_model_name)
+        return serve(
+            self.engine, host, port, api_key, served_model_name, forecaster=self.forecaster
+        )
+
+    def forecast(
+        self,
+        question: str,
+        *,
+        answer_type: str | None = "binary",
+        reasoning_effort: str = "low",
+        research: bool | Sequence[str] | None = None,
+        options: Sequence[str] | dict[str, str] | None = None,
+        seed: int | None = None,
+        temperature: float = FORESIGHT_DEFAULT_TEMPERATURE,
+        max_tokens: int | None = None,
+        system_prompt: str | None = None,
+    ) -> PredictionResult:
+        """Answers a forecasting question with probabilities from the model's own distribution.
+
+        answer_type: binary, multiple_choice, continuous, free_response or auto (None: prose).
+        reasoning_effort: low (answer at once), medium or high (think first, 256 or 1024
+        tokens at most). research: True for every source added with `add_source`, or a
+        list of their names. options: a multiple-choice question's options, when the
+        question does not list them. The result's fields are named as in Lightning Rod's
+        SDK: `.binary.probability`, `.multiple_choice.probabilities`, `.continuous.mean`
+        and `.standard_deviation`, `.free_response.text`, and `.content`, `.thinking`,
+        `.sources`, `.usage`.
+        """
+        if not isinstance(question, str) or not question.strip():
+            raise InvalidRequestError("question: must be a non-empty string", "question")
+        messages = [{"role": "user", "content": question}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        request = ForecastRequest.build(
+            messages,
+            self.forecaster.sources,
+            answer_type=answer_type,
+            reasoning_effort=reasoning_effort,
+            research=research,
+            options=options,
+            seed=seed,
+            temperature=temperature,
+            max_tokens=max_tokens,
+        )
+        return self.forecaster.forecast(request)
+
+    def add_source(self, name: str, source) -> None:
+        """Registers a research source under `name`: local documents (file paths, or dicts
+        with "text", "url" and "title") ranked against the question with BM25, or a
+        callable `(query, k) -> passages` (dicts like those). Forecasts and served requests
+        with `research` read from it; the passages come back as the reply's sources."""
+        self.forecaster.sources.add(name, source)
 
     def render_chat(self, messages: Sequence[dict]) -> str:
         """The prompt text the model's chat template makes of a conversation."""

@@ -111,6 +111,7 @@ class MockEngine:
         self.token_delay = token_delay
         self.fail_on_submit: Exception | None = None
         self.fail_after: int | None = None
+        self.compile_count = 0  # nothing to compile; a test may set it, as /metrics reads it
         self.handles: list[RequestHandle] = []  # every request submitted, in order
         self.started: list[RequestHandle] = []  # those that got their slots
         self._slots = threading.Condition()

@@ -251,7 +251,6 @@ def test_unknown_fields_are_ignored_and_null_means_the_default(http):
         "seed": None,
         "logit_bias": {"50": 1},
         "tools": [],
-        "answer_type": "BINARY",
         "reasoning_effort": "low",
         "research": False,
         "something_new": {"a": [1]},

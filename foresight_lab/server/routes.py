@@ -4,6 +4,7 @@
     POST /openai/completions        text_completion, or a stream of them
     GET  /openai/models             the served model, in a list
     GET  /openai/models/{id}        the served model
+    GET  /metrics                   counters and the engine's figures, for Prometheus (open)
 
 It never touches jax arrays: the engine's narrow interface (`submit`, request handles
 read with `async for`, `cancel`) is all it uses. Tokenizing runs in a worker thread and
@@ -26,8 +27,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import pydantic
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -40,6 +42,7 @@ from foresight_lab.engine.request import (
     TokenLogprob,
     collect,
 )
+from foresight_lab.forecasting.forecast import Forecaster, ForecastRun
 from foresight_lab.server.errors import (
     APIError,
     BadRequest,
@@ -51,12 +54,14 @@ from foresight_lab.server.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from foresight_lab.server.metrics import CONTENT_TYPE, CountRequests, Metrics
 from foresight_lab.server.schema import ChatCompletionRequest, CompletionRequest
 from foresight_lab.tokenizer import render_chat
 
 log = logging.getLogger("foresight_lab.server")
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 CLIENT_CLOSED_REQUEST = 499  # the status access logs show for a client that hung up
+METRICS_PATH = "/metrics"  # at the root, where vLLM and llama.cpp's server have it
 
 
 # ---- the request side ----------------------------------------------------------------
@@ -103,15 +108,25 @@ def fields_as_sent(renames: dict[str, str]) -> Iterator[None]:
 
 
 class Service:
-    """What the routes share: the engine, the served name, the key and the limits."""
+    """What the routes share: the engine, the served name, the key, the limits and the
+    metrics."""
 
-    def __init__(self, engine, api_key: str | None, served_model_name: str, max_body_bytes: int):
+    def __init__(
+        self,
+        engine,
+        api_key: str | None,
+        served_model_name: str,
+        max_body_bytes: int,
+        forecaster: Forecaster | None = None,
+    ):
         self.engine = engine
+        self.forecaster = forecaster or Forecaster(engine)
         self.tokenizer = engine.model.tokenizer
         self.api_key = api_key
         self.model = served_model_name
         self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
+        self.metrics = Metrics()
 
     def authorize(self, request: Request) -> None:
         if not self.api_key:
@@ -393,6 +408,10 @@ def build_routes(service: Service) -> list[Route]:
             )
         return JSONResponse(service.model_card())
 
+    async def metrics(request: Request):
+        # Open even with a key, as vLLM's is: it shows counts, never a prompt or a text.
+        return Response(service.metrics.exposition(engine), media_type=CONTENT_TYPE)
+
     def chat_prompt(body: ChatCompletionRequest) -> list[int]:
         if not engine.model.chat_template:
             raise BadRequest(
@@ -414,6 +433,10 @@ def build_routes(service: Service) -> list[Route]:
         body = service.parse(ChatCompletionRequest, await service.read_json(request))
         renames = {"max_tokens": body.max_tokens_field}
         with fields_as_sent(renames):
+            forecast = body.forecast_request(service.forecaster.sources)
+        if forecast is not None:
+            return await forecast_reply(request, body, forecast, renames)
+        with fields_as_sent(renames):
             options = body.sampling_options()
         prompt_ids = await run_in_threadpool(chat_prompt, body)
         [handle] = service.submit([prompt_ids], options, renames)
@@ -434,6 +457,40 @@ def build_routes(service: Service) -> list[Route]:
             for c in done.choices
         ]
         response["usage"] = usage(done.usage.prompt_tokens, done.usage.completion_tokens)
+        service.metrics.count_tokens(done.usage.prompt_tokens, done.usage.completion_tokens)
+        return JSONResponse(response)
+
+    async def forecast_reply(request: Request, body, forecast, renames: dict[str, str]):
+        with fields_as_sent(renames):
+            run = await run_in_threadpool(service.forecaster.run, forecast)
+        if body.stream:
+            return EventStream(_forecast_events(service, body, run), [run])
+        work = asyncio.ensure_future(_forecast_result(run, renames))
+        watch = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            result = work.result()
+        finally:
+            run.cancel()
+            watch.cancel()
+        response = service.envelope("chatcmpl", "chat.completion")
+        response["choices"] = [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": result.content,
+                    "thinking": result.thinking,
+                    "annotations": _citations(result.sources, result.content),
+                },
+                "logprobs": None,
+                "finish_reason": run.finish_reason,
+            }
+        ]
+        response["usage"] = usage(result.usage.prompt_tokens, result.usage.completion_tokens)
+        service.metrics.count_tokens(result.usage.prompt_tokens, result.usage.completion_tokens)
         return JSONResponse(response)
 
     def completion_prompts(body: CompletionRequest) -> list[list[int]]:
@@ -482,6 +539,7 @@ def build_routes(service: Service) -> list[Route]:
                 )
         response["choices"] = choices
         response["usage"] = usage(prompt_tokens, completion_tokens)
+        service.metrics.count_tokens(prompt_tokens, completion_tokens)
         return JSONResponse(response)
 
     return [
@@ -489,6 +547,7 @@ def build_routes(service: Service) -> list[Route]:
         Route("/openai/models/{model_id:path}", _guarded(get_model), methods=["GET"]),
         Route("/openai/chat/completions", _guarded(chat_completions), methods=["POST"]),
         Route("/openai/completions", _guarded(completions), methods=["POST"]),
+        Route(METRICS_PATH, _guarded(metrics), methods=["GET"]),
     ]
 
 
@@ -522,7 +581,65 @@ def _echoed_prompt(service: Service, handle) -> list[Entry]:
     return entries
 
 
+async def _forecast_result(run: ForecastRun, renames: dict[str, str]):
+    """Runs a forecast in a worker thread; the engine's refusals become 400 or 429."""
+    try:
+        with fields_as_sent(renames):
+            return await run_in_threadpool(run.finish)
+    except QueueFullError as error:
+        raise TooManyRequests(str(error), error.retry_after) from error
+
+
+def _citations(sources, content: str) -> list[dict]:
+    """A forecast's sources as OpenAI `url_citation` annotations (each supports the whole
+    answer)."""
+    return [
+        {
+            "type": "url_citation",
+            "url_citation": {
+                "url": s.url,
+                "title": s.title,
+                "start_index": 0,
+                "end_index": len(content),
+            },
+        }
+        for s in sources
+    ]
+
+
 # ---- the streams ---------------------------------------------------------------------------
+
+
+async def _forecast_events(
+    service: Service, body: ChatCompletionRequest, run: ForecastRun
+) -> AsyncIterator[str]:
+    """A forecast as chat chunks: the thinking first (`delta.thinking`), then the content,
+    then the sources (`delta.annotations`) with the finish_reason."""
+    envelope = service.envelope("chatcmpl", "chat.completion.chunk")
+    extra = {"usage": None} if body.include_usage else {}
+
+    def chunk(delta: dict, finish_reason=None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return _sse({**envelope, "choices": [choice], **extra})
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        async for kind, text in iterate_in_threadpool(run.events()):
+            yield chunk({kind: text})
+    except Exception as error:  # the engine refused or failed mid-stream: say so, in the stream
+        log.exception("a forecast stream failed")
+        yield _stream_error(f"the forecast failed: {error}")
+        return
+    result = run.result
+    service.metrics.count_tokens(result.usage.prompt_tokens, result.usage.completion_tokens)
+    yield chunk(
+        {"annotations": _citations(result.sources, result.content)} if result.sources else {},
+        finish_reason=run.finish_reason,
+    )
+    if body.include_usage:
+        final = usage(result.usage.prompt_tokens, result.usage.completion_tokens)
+        yield _sse({**envelope, "choices": [], "usage": final})
+    yield _sse("[DONE]")
 
 
 async def _chat_events(service: Service, body: ChatCompletionRequest, handle) -> AsyncIterator[str]:
@@ -556,6 +673,8 @@ async def _chat_events(service: Service, body: ChatCompletionRequest, handle) ->
         log.exception("a chat stream failed")
         yield _stream_error(f"generation failed: {error}")
         return
+    finally:  # however the stream ends: what it sent was generated
+        service.metrics.count_tokens(len(handle.prompt_ids), completion_tokens)
     if body.include_usage:
         final = usage(len(handle.prompt_ids), completion_tokens)
         yield _sse({**envelope, "choices": [], "usage": final})
@@ -579,7 +698,7 @@ async def _completion_events(
 
     wants_logprobs = body.logprobs is not None
     offsets: dict[int, int] = {}  # per choice: characters sent so far (for text_offset)
-    completion_tokens = 0
+    prompt_tokens, completion_tokens = sum(len(h.prompt_ids) for h in handles), 0
     try:
         async for i, delta in _merged(handles):
             if delta.finish_reason == "cancelled":
@@ -605,8 +724,9 @@ async def _completion_events(
         log.exception("a completion stream failed")
         yield _stream_error(f"generation failed: {error}")
         return
+    finally:
+        service.metrics.count_tokens(prompt_tokens, completion_tokens)
     if body.include_usage:
-        prompt_tokens = sum(len(h.prompt_ids) for h in handles)
         yield _sse({**envelope, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
     yield _sse("[DONE]")
 
@@ -619,9 +739,16 @@ def create_app(
     api_key: str | None = None,
     served_model_name: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    forecaster: Forecaster | None = None,
 ) -> Starlette:
-    """The Foresight API over `engine`, at /openai; no api_key means no authentication."""
-    service = Service(engine, api_key, served_model_name or engine.model.name, max_body_bytes)
+    """The Foresight API over `engine`, at /openai, and its metrics at /metrics; no api_key
+    means no authentication (/metrics never asks for one). forecaster: what answers
+    `answer_type`, `reasoning_effort` and `research` (a lab's, with its research sources;
+    by default one without sources)."""
+    service = Service(
+        engine, api_key, served_model_name or engine.model.name, max_body_bytes, forecaster
+    )
+    routes = build_routes(service)
 
     async def api_error(request: Request, error: APIError):
         return error.response()
@@ -646,8 +773,10 @@ def create_app(
         log.exception("unexpected error on %s", request.url.path)
         return InternalError(f"the server failed on this request: {error}").response()
 
+    count = Middleware(CountRequests, metrics=service.metrics, routes=routes, skip=(METRICS_PATH,))
     return Starlette(
-        routes=build_routes(service),
+        routes=routes,
+        middleware=[count],
         exception_handlers={
             APIError: api_error,
             HTTPException: http_error,

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from foresight_lab.engine.request import FORESIGHT_DEFAULT_TEMPERATURE, SamplingOptions
+from foresight_lab.forecasting import answers
+from foresight_lab.forecasting.forecast import ForecastRequest
 from foresight_lab.server.errors import BadRequest
 
 
@@ -140,27 +142,74 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None  # 0 to 20 alternatives per token; needs logprobs
-    # Foresight's own fields, accepted (their effect comes with the forecasting work).
+    # Foresight's own fields (forecasting/forecast.py does what they ask).
     answer_type: str | None = None
     reasoning_effort: str | None = None
-    research: Any = None
+    research: Any = None  # true, or {"sources": [names]}; checked by the lab's sources
+    options: Any = None  # a multiple-choice question's options: a list, or label -> text
 
     @property
     def max_tokens_field(self) -> str:
         """The name of the field the token limit came from, for error messages."""
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
+    @property
+    def max_tokens_limit(self) -> int | None:
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
+
     def sampling_options(self) -> SamplingOptions:
         if self.top_logprobs is not None and not self.logprobs:
             raise BadRequest(
                 "top_logprobs: requires logprobs to be true", "top_logprobs", "invalid_value"
             )
-        limit = (
-            self.max_completion_tokens
-            if self.max_completion_tokens is not None
-            else self.max_tokens
+        return self._options(
+            self.max_tokens_limit, logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0
         )
-        return self._options(limit, logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0)
+
+    def forecast_request(self, sources) -> ForecastRequest | None:
+        """The forecast this request asks for, or None for a plain reply (no answer type,
+        no research, low or no reasoning effort)."""
+        effort = answers.reasoning_effort(self.reasoning_effort)
+        kind = answers.answer_type(self.answer_type)
+        if kind is None and effort == "low" and self.research in (None, False):
+            if self.options is not None:
+                raise BadRequest("options: only used with an answer_type", "options")
+            return None
+        if self.n != 1:
+            raise BadRequest(
+                f"n: a forecast (answer_type, reasoning_effort or research) has one choice; "
+                f"got n={self.n}",
+                "n",
+            )
+        if self.logprobs:
+            raise BadRequest(
+                "logprobs: not available for forecasts (answer_type, reasoning_effort or "
+                "research); their probabilities are in the answer",
+                "logprobs",
+            )
+        if self.stream_options is not None and not self.stream:
+            raise BadRequest("stream_options: only allowed when stream is true", "stream_options")
+        return ForecastRequest.build(
+            self.conversation(),
+            sources,
+            answer_type=kind,
+            reasoning_effort=effort,
+            research=self.research,
+            options=self.options,
+            max_tokens=self.max_tokens_limit,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            seed=self.seed,
+            stop=tuple(self.stop),
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
 
     def conversation(self) -> list[dict]:
         return [{"role": m.role, "content": m.content or ""} for m in self.messages]

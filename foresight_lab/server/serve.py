@@ -100,6 +100,7 @@ def serve(
     api_key: str | None = None,
     served_model_name: str | None = None,
     *,
+    forecaster=None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     log_level: str = "warning",
     startup_timeout: float = 30,
@@ -116,6 +117,7 @@ def serve(
         engine,
         api_key=api_key,
         served_model_name=served_model_name,
+        forecaster=forecaster,
         max_body_bytes=max_body_bytes,
     )
     sock = _listen(host, port)
