@@ -10,6 +10,14 @@ from foresight_lab.engine.request import (
     Usage,
 )
 from foresight_lab.engine.sharding import make_mesh
+from foresight_lab.forecasting import (
+    Calibrator,
+    Evaluation,
+    ResolvedQuestion,
+    evaluate,
+    load_questions,
+)
+from foresight_lab.forecasting.forecast import PredictionResult
 from foresight_lab.lab import Lab, NextTokenDistribution, load
 from foresight_lab.weights.loader import LoadedModel, load_model
 from foresight_lab.weights.registry import BUILTIN_MODELS, DEFAULT_MODEL, ModelNotFoundError, pull
@@ -18,6 +26,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BUILTIN_MODELS",
+    "Calibrator",
+    "Evaluation",
+    "PredictionResult",
+    "ResolvedQuestion",
+    "evaluate",
+    "load_questions",
     "DEFAULT_MODEL",
     "Completion",
     "Delta",

@@ -22,7 +22,12 @@ from foresight_lab.engine.request import (
     InvalidRequestError,
     SamplingOptions,
 )
-from foresight_lab.forecasting.forecast import Forecaster, ForecastRequest, PredictionResult
+from foresight_lab.forecasting.forecast import (
+    Forecaster,
+    ForecastRequest,
+    PredictionResult,
+    calibrated,
+)
 from foresight_lab.server.serve import ServerHandle, serve
 from foresight_lab.tokenizer import render_chat
 from foresight_lab.weights import registry
@@ -153,6 +158,7 @@ class Lab:
         temperature: float = FORESIGHT_DEFAULT_TEMPERATURE,
         max_tokens: int | None = None,
         system_prompt: str | None = None,
+        calibrator=None,
     ) -> PredictionResult:
         """Answers a forecasting question with probabilities from the model's own distribution.
 
@@ -163,7 +169,8 @@ class Lab:
         question does not list them. The result's fields are named as in Lightning Rod's
         SDK: `.binary.probability`, `.multiple_choice.probabilities`, `.continuous.mean`
         and `.standard_deviation`, `.free_response.text`, and `.content`, `.thinking`,
-        `.sources`, `.usage`.
+        `.sources`, `.usage`. calibrator: a `Calibrator` (from `Evaluation.calibrate`)
+        applied to a binary probability.
         """
         if not isinstance(question, str) or not question.strip():
             raise InvalidRequestError("question: must be a non-empty string", "question")
@@ -181,7 +188,10 @@ class Lab:
             temperature=temperature,
             max_tokens=max_tokens,
         )
-        return self.forecaster.forecast(request)
+        result = self.forecaster.forecast(request)
+        if calibrator is not None and result.binary is not None:
+            result = calibrated(result, calibrator)
+        return result
 
     def add_source(self, name: str, source) -> None:
         """Registers a research source under `name`: local documents (file paths, or dicts

@@ -95,3 +95,20 @@ def test_streamed_pieces_never_split_a_character(smollm2_lab):
     assert "".join(pieces) == whole.text
     assert not any("\ufffd" in piece for piece in pieces)
     assert any(ord(c) > 0xFFFF for c in whole.text)  # an emoji outside the BMP
+
+
+def test_a_binary_forecast_is_the_yes_no_odds_of_pytorchs_logits(smollm2_lab, torch_model):
+    from foresight_lab.forecasting.forecast import ForecastRequest
+
+    question = [{"role": "user", "content": "Will it rain in London tomorrow?"}]
+    request = ForecastRequest.build(question, smollm2_lab.forecaster.sources, answer_type="binary")
+    run = smollm2_lab.forecaster.run(request)
+    result = run.finish()
+    prompt_ids = smollm2_lab.forecaster.tokenize(run.answer_prompt)
+    with torch.no_grad():
+        logits = torch_model(torch.tensor([prompt_ids])).logits[0, -1].double()
+    probabilities = torch.softmax(logits, -1)
+    yes, no = (smollm2_lab.tokenize(t, add_special_tokens=False) for t in (" Yes", " No"))
+    assert len(yes) == len(no) == 1  # one token each in this vocabulary
+    expected = probabilities[yes[0]] / (probabilities[yes[0]] + probabilities[no[0]])
+    assert result.binary.probability == pytest.approx(float(expected), abs=1e-4)

@@ -5,7 +5,8 @@ A forecast runs in steps, each a request to the same engine:
 
     research    passages from the registered sources go into the prompt, before the question
     thinking    medium or high effort: up to 256 or 1024 sampled tokens of reasoning,
-                inside <think> for models whose template has it (Qwen3), else as plain text
+                inside <think> for models whose template has it (Qwen3), else as plain
+                text after "Let me think step by step."
     answer      after "Answer:", read from the model's next-token distribution:
                   binary           P(" Yes") / (P(" Yes") + P(" No"))
                   multiple choice  P(" A"), P(" B"), ... normalized over the option labels
@@ -57,6 +58,9 @@ INSTRUCTIONS = {
     CONTINUOUS: "Answer with a single number.",
     FREE_RESPONSE: "Answer briefly.",
 }
+# Opens the thinking of a model without a native format: small models given only the
+# instruction tend to answer at once; this lead-in gets them reasoning.
+THINKING_LEAD = "Let me think step by step.\n"
 THINK_FIRST = "Think it through step by step first, then give your answer after 'Answer:'."
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?")
 
@@ -113,6 +117,14 @@ class PredictionResult:
     continuous: ContinuousPrediction | None = None
     multiple_choice: MultiChoicePrediction | None = None
     free_response: FreeResponsePrediction | None = None
+
+
+def calibrated(result: PredictionResult, calibrator) -> PredictionResult:
+    """A binary forecast with its probability passed through `calibrator` (content too)."""
+    probability = float(calibrator(result.binary.probability))
+    tag = answers.binary_tag(result.binary.probability)
+    content = result.content.removesuffix(tag) + answers.binary_tag(probability)
+    return dataclasses.replace(result, content=content, binary=BinaryPrediction(probability))
 
 
 # ---- the request ----------------------------------------------------------------------------
@@ -346,7 +358,9 @@ class ForecastRun:
             # Thinking, streamed as it comes.
             thinking = None
             opener, closer = (
-                ("<think>\n", "\n</think>\n\n") if forecaster.native_thinking else ("", "\n\n")
+                ("<think>\n", "\n</think>\n\n")
+                if forecaster.native_thinking
+                else (THINKING_LEAD, "\n\n")
             )
             budget = min(
                 THINKING_BUDGET[request.reasoning_effort], self._room(self.prompt) - ANSWER_ROOM
