@@ -24,12 +24,16 @@ PICK = "Who wins?\nA) Ann\nB) Bob"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_lab):
+def server(tiny_lab, tmp_path_factory):
     tiny_lab.add_source("notes", NOTES)
+    memo = tmp_path_factory.mktemp("sources") / "memo.txt"
+    memo.write_text("Snow is due.")
+    tiny_lab.add_source("files", [memo])
     handle = tiny_lab.serve(port=0)
     yield handle
     handle.stop()
     tiny_lab.forecaster.sources.remove("notes")
+    tiny_lab.forecaster.sources.remove("files")
 
 
 def ask(server, question=RAIN, timeout=120, **fields) -> httpx.Response:
@@ -113,6 +117,13 @@ def test_research_cites_the_registered_source(server):
         }
     ]
     assert content_of(ask(server, "Fed cuts?", answer_type="binary", research=True))
+
+
+def test_research_reads_a_registered_local_file(server):
+    response = ask(server, "Snow due?", answer_type="binary", research={"sources": ["files"]})
+    [citation] = response.json()["choices"][0]["message"]["annotations"]
+    assert citation["url_citation"]["url"].startswith("file://")
+    assert citation["url_citation"]["title"] == "memo.txt"
 
 
 @pytest.mark.parametrize(
