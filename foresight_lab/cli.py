@@ -52,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-slots", type=int, default=8)
     serve.add_argument("--max-cache-length", type=int, default=2048)
+    serve.add_argument(
+        "--warmup",
+        action="store_true",
+        help="compile every shape before serving, so no request waits for a compilation",
+    )
 
     pull = commands.add_parser("pull", help="fetch a built-in model into the local cache")
     pull.add_argument("model", choices=sorted(registry.BUILTIN_MODELS))
@@ -105,7 +110,12 @@ def _serve(args) -> int:
     import foresight_lab as fl
     from foresight_lab.server import serve
 
-    lab = fl.load(args.model, max_slots=args.max_slots, max_cache_length=args.max_cache_length)
+    lab = fl.load(
+        args.model,
+        max_slots=args.max_slots,
+        max_cache_length=args.max_cache_length,
+        warmup=args.warmup,
+    )
     try:
         server = serve(
             lab.engine,
@@ -113,6 +123,7 @@ def _serve(args) -> int:
             args.port,
             api_key=args.api_key,
             served_model_name=args.served_model_name,
+            forecaster=lab.forecaster,
             log_level="info",
         )
     except OSError as error:

@@ -435,17 +435,25 @@ def test_the_cli_serves_a_model_directory_and_stops_on_ctrl_c(tmp_path):
     directory = tmp_path / "tiny-qwen3"
     tiny_hf_model("qwen3").save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
-    options = ["--api-key", KEY, "--max-cache-length", "128", "--max-slots", "2"]
+    options = ["--api-key", KEY, "--max-cache-length", "128", "--max-slots", "2", "--warmup"]
     process, base_url, _ = start_cli(str(directory), *options)
+    metrics_url = base_url.removesuffix("/openai") + "/metrics"
+
+    def compilations() -> float:
+        text = httpx.get(metrics_url).text
+        return float(re.search(r"^foresight_compilations_total (\S+)$", text, re.M).group(1))
+
     try:
+        warm = compilations()
         response = httpx.post(
             base_url + "/completions",
-            json={"model": "tiny-qwen3", "prompt": "hello", "max_tokens": 3},
+            json={"model": "tiny-qwen3", "prompt": "hello", "max_tokens": 3, "ignore_eos": True},
             headers={"Authorization": f"Bearer {KEY}"},
             timeout=120,
         )
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] == 3
+        assert warm > 0 and compilations() == warm  # --warmup compiled everything first
         assert httpx.get(base_url + "/models").status_code == 401
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
