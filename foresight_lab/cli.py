@@ -47,8 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--served-model-name",
+        nargs="+",
         default=None,
-        help="the model id clients send (default: the alias, or the file or directory name)",
+        metavar="NAME",
+        help="the model id clients send (default: the alias, or the file or directory name); "
+        "several are all accepted, the first named in responses",
     )
     serve.add_argument("--max-slots", type=int, default=8)
     serve.add_argument("--max-cache-length", type=int, default=2048)
@@ -133,7 +136,7 @@ def _serve(args) -> int:
             file=sys.stderr,
         )
         return 1
-    name = args.served_model_name or lab.name
+    name = args.served_model_name[0] if args.served_model_name else lab.name
     print(f"Serving {name} at {server.base_url} (Ctrl-C stops)", flush=True)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

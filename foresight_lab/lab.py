@@ -133,13 +133,15 @@ class Lab:
         host: str = "127.0.0.1",
         port: int = 8000,
         api_key: str | None = None,
-        served_model_name: str | None = None,
+        served_model_name: str | Sequence[str] | None = None,
     ) -> ServerHandle:
         """Serves this model at the Foresight (OpenAI-compatible) API in the background.
 
         Returns at once with a handle: `server.base_url` is what an OpenAI client takes
         (`http://HOST:PORT/openai`), `server.stop()` ends it. port=0 picks a free port;
         api_key defaults to $FORESIGHT_LAB_API_KEY (none: no authentication).
+        served_model_name: the model id clients send (default: the lab's name), or a list
+        of ids, all accepted, the first named in responses.
         """
         api_key = api_key if api_key is not None else os.environ.get("FORESIGHT_LAB_API_KEY")
         return serve(

@@ -290,3 +290,11 @@ def test_the_sdk_sees_a_bad_value_as_an_api_error(sdk):
     with pytest.raises(openai.BadRequestError) as raised:
         sdk.predict(RAIN, model="tiny-llama", answer_type="probability")
     assert raised.value.body["param"] == "answer_type"
+
+
+def test_the_sdk_needs_no_model_when_the_server_answers_to_its_default_name(tiny_lab):
+    names = [tiny_lab.name, lightningrod.DEFAULT_MODEL]
+    with tiny_lab.serve(port=0, served_model_name=names) as server:
+        sdk = lightningrod.LightningRod(api_key="unused", base_url=server.url)
+        result = sdk.predict(RAIN, answer_type="binary", reasoning_effort="low")
+    assert 0 < result.binary.probability < 1 and result.model == tiny_lab.name

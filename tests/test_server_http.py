@@ -394,6 +394,22 @@ def test_a_served_model_name_replaces_the_models_own():
     assert app.post("/openai/completions", json=COMPLETION).status_code == 404
 
 
+def test_several_served_names_are_all_accepted_and_the_first_answers():
+    names = ["org/forecaster", MODEL, "LightningRodLabs/foresight-v4"]
+    app = TestClient(create_app(MockEngine(), served_model_name=names))
+    assert [m["id"] for m in app.get("/openai/models").json()["data"]] == names
+    for name in names:
+        assert app.get(f"/openai/models/{name}").json()["id"] == name
+        reply = app.post("/openai/completions", json={**COMPLETION, "model": name})
+        assert reply.json()["model"] == "org/forecaster"
+    missing = app.post("/openai/completions", json={**COMPLETION, "model": "other"})
+    assert missing.status_code == 404
+    message = missing.json()["error"]["message"]
+    assert "'org/forecaster', 'mock-model', 'LightningRodLabs/foresight-v4'" in message
+    with pytest.raises(ValueError, match="served_model_name"):
+        create_app(MockEngine(), served_model_name=["org/forecaster", ""])
+
+
 def test_a_chat_completion_has_every_openai_field(http):
     reply = http.post("/openai/chat/completions", json={**CHAT, "max_tokens": 5, "seed": 3}).json()
     assert set(reply) == {

@@ -23,7 +23,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import pydantic
 from starlette.applications import Starlette
@@ -115,7 +115,7 @@ class Service:
         self,
         engine,
         api_key: str | None,
-        served_model_name: str,
+        served_model_name: str | Sequence[str],
         max_body_bytes: int,
         forecaster: Forecaster | None = None,
     ):
@@ -123,7 +123,12 @@ class Service:
         self.forecaster = forecaster or Forecaster(engine)
         self.tokenizer = engine.model.tokenizer
         self.api_key = api_key
-        self.model = served_model_name
+        names = [served_model_name] if isinstance(served_model_name, str) else served_model_name
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError("served_model_name: a name, or a list of names, none empty")
+        # Requests may name any of them; responses name the first, as vLLM's do.
+        self.names = list(dict.fromkeys(names))
+        self.model = self.names[0]
         self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
         self.metrics = Metrics()
@@ -167,13 +172,17 @@ class Service:
             parsed = schema.model_validate(body)
         except pydantic.ValidationError as error:
             raise _validation_error(error) from error
-        if parsed.model != self.model:
+        self.check_model(parsed.model)
+        return parsed
+
+    def check_model(self, name: str) -> None:
+        if name not in self.names:
+            served = ", ".join(repr(n) for n in self.names)
             raise NotFound(
-                f"model: {parsed.model!r} is not served here; this server serves {self.model!r}",
+                f"model: {name!r} is not served here; this server serves {served}",
                 "model",
                 "model_not_found",
             )
-        return parsed
 
     def check_token_ids(self, prompt: list[int], param: str) -> None:
         vocab_size = self.engine.model.config.vocab_size
@@ -218,10 +227,10 @@ class Service:
             "system_fingerprint": None,
         }
 
-    def model_card(self) -> dict:
+    def model_card(self, name: str) -> dict:
         context = self.engine.config.max_cache_length
         return {
-            "id": self.model,
+            "id": name,
             "object": "model",
             "created": self.created,
             "owned_by": "foresight-lab",
@@ -395,18 +404,14 @@ def build_routes(service: Service) -> list[Route]:
 
     async def list_models(request: Request):
         service.authorize(request)
-        return JSONResponse({"object": "list", "data": [service.model_card()]})
+        cards = [service.model_card(name) for name in service.names]
+        return JSONResponse({"object": "list", "data": cards})
 
     async def get_model(request: Request):
         service.authorize(request)
         model_id = request.path_params["model_id"]
-        if model_id != service.model:
-            raise NotFound(
-                f"model: {model_id!r} is not served here; this server serves {service.model!r}",
-                "model",
-                "model_not_found",
-            )
-        return JSONResponse(service.model_card())
+        service.check_model(model_id)
+        return JSONResponse(service.model_card(model_id))
 
     async def metrics(request: Request):
         # Open even with a key, as vLLM's is: it shows counts, never a prompt or a text.
@@ -737,7 +742,7 @@ async def _completion_events(
 def create_app(
     engine,
     api_key: str | None = None,
-    served_model_name: str | None = None,
+    served_model_name: str | Sequence[str] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     forecaster: Forecaster | None = None,
 ) -> Starlette:

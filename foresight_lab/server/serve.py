@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 
 import uvicorn
 
@@ -98,7 +99,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
-    served_model_name: str | None = None,
+    served_model_name: str | Sequence[str] | None = None,
     *,
     forecaster=None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
