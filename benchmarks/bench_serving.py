@@ -69,7 +69,7 @@ class Prompts:
     """Distinct prompts of exact token lengths, as text (for HTTP) and ids (for torch).
 
     Each one starts with its own number, so a server that reuses the KV cache of a
-    shared prefix (llama.cpp does) finds two or three tokens in common with the last one.
+    shared prefix (llama.cpp does) finds at most four tokens in common with the last one.
     """
 
     tokenizer: object
