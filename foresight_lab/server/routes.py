@@ -285,6 +285,22 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
+async def _unless_client_gone(request: Request, work, running: list):
+    """The result of `work` (a coroutine); None if the client hangs up first. Either way
+    the `running` requests (anything with cancel()) are cancelled when it returns."""
+    work = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        return None
+    finally:
+        _cancel(running)
+        work.cancel()
+        watch.cancel()
+
+
 async def _all_deltas(request: Request, handles: list) -> list[list[Delta]] | None:
     """Every request's deltas, in order; None (and the requests cancelled) if the client
     hangs up first."""
@@ -295,17 +311,7 @@ async def _all_deltas(request: Request, handles: list) -> list[list[Delta]] | No
             deltas[i].append(delta)
         return deltas
 
-    work = asyncio.ensure_future(gather())
-    watch = asyncio.ensure_future(_client_gone(request))
-    try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if work.done():
-            return work.result()
-        return None
-    finally:
-        _cancel(handles)
-        work.cancel()
-        watch.cancel()
+    return await _unless_client_gone(request, gather(), handles)
 
 
 class EventStream(StreamingResponse):
@@ -470,16 +476,9 @@ def build_routes(service: Service) -> list[Route]:
             run = await run_in_threadpool(service.forecaster.run, forecast)
         if body.stream:
             return EventStream(_forecast_events(service, body, run), [run])
-        work = asyncio.ensure_future(_forecast_result(run, renames))
-        watch = asyncio.ensure_future(_client_gone(request))
-        try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
-                return Response(status_code=CLIENT_CLOSED_REQUEST)
-            result = work.result()
-        finally:
-            run.cancel()
-            watch.cancel()
+        result = await _unless_client_gone(request, _forecast_result(run, renames), [run])
+        if result is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         response = service.envelope("chatcmpl", "chat.completion")
         response["choices"] = [
             {

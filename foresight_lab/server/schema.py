@@ -116,10 +116,13 @@ class _Sampling(_Body):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def _options(self, max_tokens: int | None, **extra: Any) -> SamplingOptions:
-        """Raises the engine's InvalidRequestError for values out of range."""
+    def check_stream_options(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise BadRequest("stream_options: only allowed when stream is true", "stream_options")
+
+    def _options(self, max_tokens: int | None, **extra: Any) -> SamplingOptions:
+        """Raises the engine's InvalidRequestError for values out of range."""
+        self.check_stream_options()
         return SamplingOptions(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -191,8 +194,7 @@ class ChatCompletionRequest(_Sampling):
                 "research); their probabilities are in the answer",
                 "logprobs",
             )
-        if self.stream_options is not None and not self.stream:
-            raise BadRequest("stream_options: only allowed when stream is true", "stream_options")
+        self.check_stream_options()
         return ForecastRequest.build(
             self.conversation(),
             sources,
