@@ -285,6 +285,7 @@ def load(
     progress: bool | None = None,
     warmup: bool = False,
     mesh=None,
+    quantized: bool = True,
 ) -> Lab:
     """Loads MODEL (a built-in alias, a .gguf file, or a Hugging Face directory).
 
@@ -292,8 +293,11 @@ def load(
     tokens (prompt plus completion) fit each. Together they fix the KV cache budget.
     mesh: a `jax.sharding.Mesh` with axes ("data", "model") to spread the model and
     cache over several devices (`foresight_lab.make_mesh()` builds one).
+    quantized: keep a GGUF's Q4_1 and Q8_0 weights in their blocks (about the file's
+    size in memory); False dequantizes them to float32 (four to seven times larger,
+    the reference the quantized path is tested against).
     """
-    loaded = load_model(model, progress=progress)
+    loaded = load_model(model, progress=progress, quantized=quantized)
     max_cache_length = min(max_cache_length, loaded.config.max_position_embeddings)
     lab = Lab(loaded, EngineConfig(max_slots=max_slots, max_cache_length=max_cache_length), mesh)
     if warmup:

@@ -112,3 +112,46 @@ def test_a_binary_forecast_is_the_yes_no_odds_of_pytorchs_logits(smollm2_lab, to
     assert len(yes) == len(no) == 1  # one token each in this vocabulary
     expected = probabilities[yes[0]] / (probabilities[yes[0]] + probabilities[no[0]])
     assert result.binary.probability == pytest.approx(float(expected), abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def float32_lab():
+    """The same GGUF dequantized to float32 in memory: the reference of the quantized path."""
+    import foresight_lab as fl
+
+    lab = fl.load(
+        "smollm2-135m", max_slots=4, max_cache_length=128, progress=False, quantized=False
+    )
+    yield lab
+    lab.engine.shutdown()
+
+
+def test_weights_stay_in_their_gguf_blocks_in_memory(smollm2_lab, smollm2_path, float32_lab):
+    import jax
+
+    from foresight_lab.models.quantized import QuantizedMatrix
+
+    def nbytes(lab):
+        leaves = jax.tree.leaves(lab.engine._scheduler.params)
+        return sum(leaf.nbytes for leaf in leaves)
+
+    q_proj = smollm2_lab.model.params["layers_0"]["attn"]["q_proj"]["kernel"]
+    assert isinstance(q_proj, QuantizedMatrix) and q_proj.kind == "q4_1"
+    assert isinstance(smollm2_lab.model.params["embed"]["embedding"], QuantizedMatrix)
+    file_size = smollm2_path.stat().st_size
+    # Q4_1 blocks split into arrays keep their 20 bytes a block; the file also holds
+    # the tokenizer, so the weights are a little smaller than it.
+    assert nbytes(smollm2_lab) <= file_size
+    assert nbytes(float32_lab) > 4 * file_size
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_output_of_quantized_weights_equals_the_float32_path(
+    smollm2_lab, float32_lab, prompt
+):
+    """Decode with 1 and with 4 rows (n=4) runs the CPU kernel; prefill the reference."""
+    expected = float32_lab.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True)
+    alone = smollm2_lab.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True)
+    four = smollm2_lab.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True, n=4)
+    assert alone.token_ids == expected.token_ids
+    assert [c.token_ids for c in four.choices] == [expected.token_ids] * 4

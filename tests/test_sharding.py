@@ -54,6 +54,6 @@ def test_a_mesh_of_8_devices_gives_the_same_tokens_as_one_device():
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["devices"] == 8
     assert report["same"] == [True, True]
-    assert report["cache_spec"] == "P('data', None, 'model')"
+    assert report["cache_spec"] == "P('data', 'model')"
     assert report["mlp_spec"] == "P(None, 'model')"
     assert report["recompiles"] == 0

@@ -9,7 +9,8 @@ A dimension that the axis does not divide evenly stays whole (replicated).
     o_proj kernel      [heads*D, hidden]   rows over "model"
     gate/up kernel     [hidden, mlp]       columns over "model"
     down kernel        [mlp, hidden]       rows over "model"
-    cache k, v         [slots, S, Hkv, D]  slots over "data", kv heads over "model"
+    (a quantized kernel is stored [out, in]: the same split on the other axis)
+    cache k, v         [slots, Hkv, S, D]  slots over "data", kv heads over "model"
 """
 
 from __future__ import annotations
@@ -45,23 +46,32 @@ def param_specs(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
     mlp = _split(config.intermediate_size, mesh, MODEL)
 
     def spec(path, leaf) -> P:
-        names = [getattr(key, "key", str(key)) for key in path]
-        layer, kind = names[-2], names[-1]
+        names = [getattr(key, "key", getattr(key, "name", str(key))) for key in path]
+        if len(names) >= 3 and names[-2] == "kernel":  # a QuantizedMatrix's array
+            layer, kind, flip = names[-3], "kernel", True
+        else:
+            layer, kind, flip = names[-2], names[-1], False
         if layer in ("q_proj", "k_proj", "v_proj") and heads_split:
-            return P(None, MODEL) if kind == "kernel" else P(MODEL)
-        if layer == "o_proj" and heads_split:
-            return P(MODEL, None)
-        if layer in ("gate_proj", "up_proj"):
-            return P(None, mlp)
-        if layer == "down_proj":
-            return P(mlp, None)
-        return P()
+            split = P(None, MODEL) if kind == "kernel" else P(MODEL)
+        elif layer == "o_proj" and heads_split:
+            split = P(MODEL, None)
+        elif layer in ("gate_proj", "up_proj"):
+            split = P(None, mlp)
+        elif layer == "down_proj":
+            split = P(mlp, None)
+        else:
+            return P()
+        if flip:  # [out, in]; blocks of 32 along "in" must divide over the axis too
+            split = P(*reversed(split))
+            if split[1] is not None and leaf.shape[1] % mesh.shape[MODEL]:
+                return P()
+        return split
 
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
 def cache_spec(config: ModelConfig, slots: int, mesh: Mesh) -> P:
-    return P(_split(slots, mesh, DATA), None, _split(config.num_kv_heads, mesh, MODEL), None)
+    return P(_split(slots, mesh, DATA), _split(config.num_kv_heads, mesh, MODEL), None, None)
 
 
 def shard_params(params: dict, config: ModelConfig, mesh: Mesh) -> dict:

@@ -69,7 +69,8 @@ class Steps:
     """The compiled model functions of one engine."""
 
     def __init__(self, model_config: ModelConfig, cache_sharding=None, counts_sharding=None):
-        self.model = Decoder(model_config)
+        # On a mesh XLA partitions the pure-JAX matmuls; the CPU kernel is one device's.
+        self.model = Decoder(model_config, cpu_kernel=cache_sharding is None)
         # On a mesh, pin the state's layout so every step returns what the next expects.
         self._cache_sharding = cache_sharding
         self._counts_sharding = counts_sharding

@@ -4,7 +4,7 @@ The forward pass is pure: parameters are a plain pytree, the KV cache goes in an
 comes out as a tuple of per-layer `(k, v)` arrays. The same call serves prefill
 (many tokens of one row) and decode (one token of many rows):
 
-    cache k, v: Float['slots S Hkv D']   (S = cache length; slot position = token position)
+    cache k, v: Float['slots Hkv S D']   (S = cache length; slot position = token position)
 
         slot  0  1  2  3  4  5  6 ...
     row r0   [a][b][c][d][ ][ ][ ]     tokens of a row are written at their positions;
@@ -24,26 +24,69 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from foresight_lab.models import quantized
 from foresight_lab.models.config import ModelConfig, RopeScaling
 
-LayerCache = tuple[jax.Array, jax.Array]  # (k, v), each Float['slots S Hkv D']
+LayerCache = tuple[jax.Array, jax.Array]  # (k, v), each Float['slots Hkv S D']
+
+
+def _quantized_param(module: nn.Module, name: str) -> quantized.QuantizedMatrix | None:
+    """The parameter `name` when it was loaded in quantized blocks (never at init)."""
+    if module.has_variable("params", name):
+        value = module.get_variable("params", name)
+        if isinstance(value, quantized.QuantizedMatrix):
+            return value
+    return None
 
 
 class Linear(nn.Module):
-    """`x @ kernel (+ bias)`, kernel stored as [in, out]."""
+    """`x @ kernel (+ bias)`: kernel stored as Float[in, out], or quantized as [out, in]
+    (see models.quantized); `cpu_kernel` allows the compiled CPU kernel for the latter."""
 
     features: int
     use_bias: bool = False
+    cpu_kernel: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param(
-            "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), jnp.float32
-        )
-        y = jnp.dot(x, kernel.astype(x.dtype))
+        if (blocks := _quantized_param(self, "kernel")) is not None:
+            y = quantized.matmul(x, blocks, self.cpu_kernel).astype(x.dtype)
+        else:
+            kernel = self.param(
+                "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), jnp.float32
+            )
+            y = jnp.dot(x, kernel.astype(x.dtype))
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         return y
+
+
+class Embed(nn.Module):
+    """Token embeddings, Float[V, H] or quantized; `attend` is the tied output layer."""
+
+    num_embeddings: int
+    features: int
+    cpu_kernel: bool = True
+
+    def setup(self):
+        self.blocks = _quantized_param(self, "embedding")
+        if self.blocks is None:
+            self.embedding = self.param(
+                "embedding",
+                nn.linear.default_embed_init,
+                (self.num_embeddings, self.features),
+                jnp.float32,
+            )
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        if self.blocks is not None:
+            return quantized.take_rows(self.blocks, tokens)
+        return jnp.take(self.embedding, tokens, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        if self.blocks is not None:
+            return quantized.matmul(x, self.blocks, self.cpu_kernel)
+        return jnp.dot(x, self.embedding.T)
 
 
 class RMSNorm(nn.Module):
@@ -96,6 +139,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 class Attention(nn.Module):
     config: ModelConfig
+    cpu_kernel: bool = True
 
     @nn.compact
     def __call__(
@@ -109,9 +153,9 @@ class Attention(nn.Module):
         c = self.config
         batch, length, _ = x.shape
         groups = c.num_heads // c.num_kv_heads
-        q = Linear(c.num_heads * c.head_dim, c.attention_bias, name="q_proj")(x)
-        k = Linear(c.num_kv_heads * c.head_dim, c.attention_bias, name="k_proj")(x)
-        v = Linear(c.num_kv_heads * c.head_dim, c.attention_bias, name="v_proj")(x)
+        q = Linear(c.num_heads * c.head_dim, c.attention_bias, self.cpu_kernel, name="q_proj")(x)
+        k = Linear(c.num_kv_heads * c.head_dim, c.attention_bias, self.cpu_kernel, name="k_proj")(x)
+        v = Linear(c.num_kv_heads * c.head_dim, c.attention_bias, self.cpu_kernel, name="v_proj")(x)
         q = q.reshape(batch, length, c.num_heads, c.head_dim)
         k = k.reshape(batch, length, c.num_kv_heads, c.head_dim)
         v = v.reshape(batch, length, c.num_kv_heads, c.head_dim)
@@ -124,41 +168,56 @@ class Attention(nn.Module):
 
         k_cache, v_cache = layer_cache
         rows = row_start + jnp.arange(batch)[:, None]  # [B 1], broadcast against positions
-        k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
-        keys = jax.lax.dynamic_slice_in_dim(k_cache, row_start, batch)[:, :kv_length]
-        values = jax.lax.dynamic_slice_in_dim(v_cache, row_start, batch)[:, :kv_length]
+        # Indices on axes 0 and 2 around a slice: the update is laid out [B T Hkv D].
+        k_cache = k_cache.at[rows, :, positions].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows, :, positions].set(v.astype(v_cache.dtype), mode="drop")
+        window = (batch, c.num_kv_heads, kv_length, c.head_dim)
+        start = (row_start, 0, 0, 0)
+        keys = jax.lax.dynamic_slice(k_cache, start, window)  # [B Hkv S D]
+        values = jax.lax.dynamic_slice(v_cache, start, window)
 
-        # Grouped-query attention: each kv head serves `groups` query heads.
+        # Grouped-query attention: each kv head serves `groups` query heads, whose
+        # queries are stacked as rows q = g * T + t, so both products are plain batched
+        # matmuls over (B, Hkv) on the cache's own layout.
         q = q.reshape(batch, length, c.num_kv_heads, groups, c.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype))
+        q = q.transpose(0, 2, 3, 1, 4).reshape(batch, c.num_kv_heads, groups * length, -1)
+        scores = jnp.einsum("bkqd,bksd->bkqs", q, keys.astype(q.dtype))
         scores = scores.astype(jnp.float32) / math.sqrt(c.head_dim)
         visible = jnp.arange(kv_length)[None, None, :] <= positions[:, :, None]  # [B T S]
-        scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        visible = jnp.tile(visible, (1, groups, 1))[:, None]  # [B 1 G*T S]
+        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", weights, values.astype(x.dtype))
-        out = out.reshape(batch, length, c.num_heads * c.head_dim)
-        return Linear(c.hidden_size, name="o_proj")(out), (k_cache, v_cache)
+        out = jnp.einsum("bkqs,bksd->bkqd", weights, values.astype(x.dtype))
+        out = out.reshape(batch, c.num_kv_heads, groups, length, c.head_dim)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(batch, length, c.num_heads * c.head_dim)
+        return Linear(c.hidden_size, cpu_kernel=self.cpu_kernel, name="o_proj")(out), (
+            k_cache,
+            v_cache,
+        )
 
 
 class MLP(nn.Module):
     config: ModelConfig
+    cpu_kernel: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        gate = Linear(c.intermediate_size, name="gate_proj")(x)
-        up = Linear(c.intermediate_size, name="up_proj")(x)
-        return Linear(c.hidden_size, name="down_proj")(jax.nn.silu(gate) * up)
+        gate = Linear(c.intermediate_size, cpu_kernel=self.cpu_kernel, name="gate_proj")(x)
+        up = Linear(c.intermediate_size, cpu_kernel=self.cpu_kernel, name="up_proj")(x)
+        return Linear(c.hidden_size, cpu_kernel=self.cpu_kernel, name="down_proj")(
+            jax.nn.silu(gate) * up
+        )
 
 
 class Block(nn.Module):
     config: ModelConfig
+    cpu_kernel: bool = True
 
     @nn.compact
     def __call__(self, x, positions, layer_cache, row_start, kv_length):
         c = self.config
-        h, layer_cache = Attention(c, name="attn")(
+        h, layer_cache = Attention(c, self.cpu_kernel, name="attn")(
             RMSNorm(c.rms_norm_eps, name="input_norm")(x),
             positions,
             layer_cache,
@@ -166,14 +225,21 @@ class Block(nn.Module):
             kv_length,
         )
         x = x + h
-        x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="post_attention_norm")(x))
+        x = x + MLP(c, self.cpu_kernel, name="mlp")(
+            RMSNorm(c.rms_norm_eps, name="post_attention_norm")(x)
+        )
         return x, layer_cache
 
 
 class Decoder(nn.Module):
-    """tokens, positions, cache -> logits, cache."""
+    """tokens, positions, cache -> logits, cache.
+
+    cpu_kernel: quantized weights may use the compiled CPU kernel (models.quantized);
+    off on a device mesh, where XLA partitions the pure-JAX path.
+    """
 
     config: ModelConfig
+    cpu_kernel: bool = True
 
     @nn.compact
     def __call__(
@@ -186,12 +252,12 @@ class Decoder(nn.Module):
         return_logits: bool = True,
     ) -> tuple[jax.Array | None, tuple[LayerCache, ...]]:
         c = self.config
-        kv_length = kv_length or cache[0][0].shape[1]
-        embed = nn.Embed(c.vocab_size, c.hidden_size, name="embed")
+        kv_length = kv_length or cache[0][0].shape[2]
+        embed = Embed(c.vocab_size, c.hidden_size, self.cpu_kernel, name="embed")
         x = embed(tokens).astype(jnp.float32)
         new_cache = []
         for i in range(c.num_layers):
-            x, layer_cache = Block(c, name=f"layers_{i}")(
+            x, layer_cache = Block(c, self.cpu_kernel, name=f"layers_{i}")(
                 x, positions, cache[i], jnp.asarray(row_start, jnp.int32), kv_length
             )
             new_cache.append(layer_cache)
@@ -201,7 +267,7 @@ class Decoder(nn.Module):
         if c.tie_word_embeddings:
             logits = embed.attend(x)
         else:
-            logits = Linear(c.vocab_size, name="lm_head")(x)
+            logits = Linear(c.vocab_size, cpu_kernel=self.cpu_kernel, name="lm_head")(x)
         return logits.astype(jnp.float32), tuple(new_cache)
 
 
@@ -209,7 +275,7 @@ def empty_cache(
     config: ModelConfig, slots: int, length: int, dtype=jnp.float32
 ) -> tuple[LayerCache, ...]:
     """A zeroed cache of `slots` rows by `length` positions, one (k, v) pair per layer."""
-    shape = (slots, length, config.num_kv_heads, config.head_dim)
+    shape = (slots, config.num_kv_heads, length, config.head_dim)
     return tuple(
         (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)
     )

@@ -1,4 +1,5 @@
-"""Reads a GGUF file: config from its metadata, parameters dequantized to float32."""
+"""Reads a GGUF file: config from its metadata, parameters as float32 or, for Q4_1 and
+Q8_0 blocks, kept in those blocks (models.quantized) unless asked to dequantize."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 from gguf import quants
 
 from foresight_lab.models.config import ModelConfig
+from foresight_lab.models.quantized import QuantizedMatrix, from_gguf_blocks
 from foresight_lab.weights.name_maps import build_params
 
 # Metadata arrays that are large and only the tokenizer needs (transformers reads them itself).
@@ -17,6 +19,11 @@ _TOKENIZER_ARRAYS = {
     "tokenizer.ggml.merges",
     "tokenizer.ggml.token_type",
     "tokenizer.ggml.scores",
+}
+# GGML block types kept as they are in memory, by our name for them.
+_KEPT_BLOCKS = {
+    gguf.GGMLQuantizationType.Q4_1: "q4_1",
+    gguf.GGMLQuantizationType.Q8_0: "q8_0",
 }
 # llama.cpp permutes q/k rows only for these architectures.
 _ROPE_PERMUTED_ARCHS = {"llama", "mistral"}
@@ -56,8 +63,23 @@ def dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
     return np.asarray(values, dtype=np.float32)
 
 
-def read_gguf(path: str | pathlib.Path, on_tensor=None) -> tuple[ModelConfig, dict, dict]:
-    """(config, params, metadata) of a GGUF model file."""
+def keep_blocks(tensor: gguf.ReaderTensor) -> QuantizedMatrix | None:
+    """A 2-D tensor in a block type the engine computes with, as a QuantizedMatrix."""
+    kind = _KEPT_BLOCKS.get(tensor.tensor_type)
+    if kind is None or len(tensor.shape) != 2:
+        return None
+    columns, rows = (int(n) for n in tensor.shape)  # GGUF lists the fastest axis first
+    return from_gguf_blocks(np.asarray(tensor.data), kind, (rows, columns))
+
+
+def read_gguf(
+    path: str | pathlib.Path, on_tensor=None, quantized: bool = True
+) -> tuple[ModelConfig, dict, dict]:
+    """(config, params, metadata) of a GGUF model file.
+
+    quantized: keep Q4_1 and Q8_0 weights in their blocks (a QuantizedMatrix each);
+    False dequantizes everything to float32 (the reference, four to seven times larger).
+    """
     reader = open_gguf(path)
     metadata = read_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
@@ -71,10 +93,11 @@ def read_gguf(path: str | pathlib.Path, on_tensor=None) -> tuple[ModelConfig, di
         metadata, has_output_weight="output.weight" in tensors, rope_freq_factors=factors
     )
 
-    def get_tensor(name: str) -> np.ndarray:
+    def get_tensor(name: str) -> np.ndarray | QuantizedMatrix:
         if name not in tensors:
             raise NotAModelError(f"{path} has no tensor {name!r}; is the file complete?")
-        return dequantize(tensors[name])
+        blocks = keep_blocks(tensors[name]) if quantized else None
+        return blocks if blocks is not None else dequantize(tensors[name])
 
     params = build_params(
         config,

@@ -19,7 +19,7 @@ class LoadedModel:
 
     name: str  # the id it is served as
     config: ModelConfig
-    params: dict  # the decoder's parameter pytree, float32 numpy arrays
+    params: dict  # the decoder's parameter pytree: float32 numpy arrays, QuantizedMatrix blocks
     tokenizer: object  # a transformers tokenizer
     eos_token_ids: frozenset[int]
     path: pathlib.Path | None = None
@@ -29,15 +29,23 @@ class LoadedModel:
         return getattr(self.tokenizer, "chat_template", None)
 
 
-def load_model(model: str = registry.DEFAULT_MODEL, *, progress: bool | None = None) -> LoadedModel:
-    """Resolves MODEL (fetching a built-in alias on first use) and reads its weights."""
+def load_model(
+    model: str = registry.DEFAULT_MODEL, *, progress: bool | None = None, quantized: bool = True
+) -> LoadedModel:
+    """Resolves MODEL (fetching a built-in alias on first use) and reads its weights.
+
+    quantized: a GGUF's Q4_1 and Q8_0 weights stay in their blocks in memory (see
+    models.quantized); False dequantizes them to float32, the reference.
+    """
     path = registry.resolve(str(model), progress=progress)
     if path.is_file():
         total = count_tensors(path)
         with progress_bar(
             total=total, desc="Loading weights", unit="tensor", progress=progress
         ) as bar:
-            config, params, metadata = read_gguf(path, on_tensor=lambda _: bar.update())
+            config, params, metadata = read_gguf(
+                path, on_tensor=lambda _: bar.update(), quantized=quantized
+            )
     else:
         metadata = None
         with progress_bar(desc="Loading weights", unit="tensor", progress=progress) as bar:

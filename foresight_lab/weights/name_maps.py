@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from foresight_lab.models.config import ModelConfig
+from foresight_lab.models.quantized import QuantizedMatrix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +108,7 @@ def undo_gguf_rope_permutation(rows: np.ndarray, num_heads: int) -> np.ndarray:
 
 def build_params(
     config: ModelConfig,
-    get_tensor: Callable[[str], np.ndarray],
+    get_tensor: Callable[[str], np.ndarray | QuantizedMatrix],
     source: str,
     *,
     gguf_rope_permuted: bool = False,
@@ -115,7 +116,8 @@ def build_params(
 ) -> dict:
     """The parameter pytree, filled tensor by tensor from `get_tensor(name)`.
 
-    source is "hf" or "gguf", choosing which column of the name map is read.
+    source is "hf" or "gguf", choosing which column of the name map is read. A tensor
+    that comes as a QuantizedMatrix stays one, in [out, in] order (rows are outputs).
     """
     params: dict = {}
     for entry in NAME_MAPS[config.family]:
@@ -124,17 +126,24 @@ def build_params(
         layers = range(config.num_layers) if "{i}" in entry.path else [None]
         for i in layers:
             name = getattr(entry, source).format(i=i)
-            array = np.asarray(get_tensor(name), dtype=np.float32)
+            tensor = get_tensor(name)
             if gguf_rope_permuted and entry.rope_rows:
                 heads = config.num_heads if entry.rope_rows == "q" else config.num_kv_heads
-                array = undo_gguf_rope_permutation(array, heads)
-            if entry.linear:
-                array = array.T
+                permute = lambda rows, heads=heads: np.ascontiguousarray(
+                    undo_gguf_rope_permutation(rows, heads)
+                )
+                if isinstance(tensor, QuantizedMatrix):
+                    tensor = tensor.map_rows(permute)
+                else:
+                    tensor = permute(tensor)
+            if not isinstance(tensor, QuantizedMatrix):
+                tensor = np.asarray(tensor, dtype=np.float32)
+                tensor = np.ascontiguousarray(tensor.T if entry.linear else tensor)
             node = params
             *parents, leaf = entry.path.format(i=i).split("/")
             for key in parents:
                 node = node.setdefault(key, {})
-            node[leaf] = np.ascontiguousarray(array)
+            node[leaf] = tensor
             if on_tensor is not None:
                 on_tensor(name)
     return params

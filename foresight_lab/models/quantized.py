@@ -1,0 +1,163 @@
+"""Weights kept in their GGUF blocks in memory, dequantized inside the jitted matmul.
+
+A `QuantizedMatrix` is W: [N, K] (N outputs, K inputs, as GGUF stores a linear layer)
+cut into blocks of 32 weights along K, as llama.cpp stores them:
+
+    q4_1   values UInt8['N K/2']  two 4-bit weights a byte   w = d * q + m
+           scales, mins Float16['N K/32']
+    q8_0   values Int8['N K']                                w = d * q
+           scales Float16['N K/32']
+
+`matmul(x, w)` is `x @ W.T`. It has two paths that give the same numbers up to the
+order of the sums:
+
+- the reference, pure JAX and for every backend: `dequantize(w)` then a float32 dot.
+  The dequantized floats equal the GGUF reader's (`gguf.quants.dequantize`) bit for
+  bit. It serves GPU and TPU, prefill chunks (many rows, where the dot dominates) and
+  device meshes, and it is what tests hold the kernel to.
+- on the CPU, for a few rows (decode), a compiled kernel called through `jax.ffi`
+  (`foresight_lab/kernels/qmatmul.cc`, built when the package is installed) that reads
+  the blocks and never writes the dequantized matrix, so a decode step reads about the
+  GGUF's bytes instead of float32's, four to seven times more.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import importlib.util
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BLOCK = 32
+KINDS = ("q4_1", "q8_0")
+# The kernel serves calls with at most this many rows of x (decode steps); beyond it the
+# dot of the dequantized matrix is faster (prefill chunks).
+KERNEL_MAX_ROWS = 32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedMatrix:
+    """W: [N, K] in GGUF blocks of 32 along K; see the module docstring."""
+
+    values: jax.Array | np.ndarray
+    scales: jax.Array | np.ndarray
+    mins: jax.Array | np.ndarray | None
+    kind: str = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, blocks = self.scales.shape
+        return rows, blocks * BLOCK
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.values, self.scales, self.mins) if a is not None)
+
+    def map_rows(self, fn) -> QuantizedMatrix:
+        """The same matrix with fn applied to each array along its first axis (rows)."""
+        mins = None if self.mins is None else fn(self.mins)
+        return QuantizedMatrix(fn(self.values), fn(self.scales), mins, self.kind)
+
+
+def from_gguf_blocks(blocks: np.ndarray, kind: str, shape: tuple[int, int]) -> QuantizedMatrix:
+    """Splits a GGUF tensor's raw blocks, UInt8['N bytes'], into a QuantizedMatrix."""
+    rows, columns = shape
+    if kind == "q4_1":
+        b = blocks.reshape(rows, columns // BLOCK, 20)
+        return QuantizedMatrix(
+            values=np.ascontiguousarray(b[..., 4:]).reshape(rows, columns // 2),
+            scales=np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0],
+            mins=np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0],
+            kind=kind,
+        )
+    if kind == "q8_0":
+        b = blocks.reshape(rows, columns // BLOCK, 34)
+        return QuantizedMatrix(
+            values=np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(rows, columns),
+            scales=np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0],
+            mins=None,
+            kind=kind,
+        )
+    raise ValueError(f"no in-memory form for GGUF blocks of kind {kind!r}; kinds: {KINDS}")
+
+
+def dequantize(w: QuantizedMatrix) -> jax.Array:
+    """W as Float32['N K'], equal to the GGUF reader's floats."""
+    rows, columns = w.shape
+    d = w.scales.astype(jnp.float32)[..., None]  # [N K/32 1]
+    if w.kind == "q4_1":
+        packed = w.values.reshape(rows, columns // BLOCK, BLOCK // 2)
+        q = jnp.concatenate([packed & 0x0F, packed >> 4], axis=-1).astype(jnp.float32)
+        values = d * q + w.mins.astype(jnp.float32)[..., None]
+    else:
+        values = w.values.reshape(rows, columns // BLOCK, BLOCK).astype(jnp.float32) * d
+    return values.reshape(rows, columns)
+
+
+def take_rows(w: QuantizedMatrix, ids: jax.Array) -> jax.Array:
+    """Rows `ids` (any shape) of W, dequantized: Float32[*ids.shape, K] (an embedding)."""
+    picked = w.map_rows(lambda a: jnp.take(a, ids.reshape(-1), axis=0))
+    return dequantize(picked).reshape(*ids.shape, w.shape[1])
+
+
+def matmul(x: jax.Array, w: QuantizedMatrix, use_kernel: bool = True) -> jax.Array:
+    """x @ W.T for x: Float[..., K] -> Float32[..., N].
+
+    use_kernel allows the CPU kernel where it is built and x has few rows; the
+    backend is chosen when the function is lowered, so the same jitted code runs on
+    GPU and TPU through the reference path.
+    """
+    rows, columns = w.shape
+    flat = x.reshape(-1, columns).astype(jnp.float32)
+
+    def reference(flat, w):
+        return jnp.dot(flat, dequantize(w).T)
+
+    if use_kernel and flat.shape[0] <= KERNEL_MAX_ROWS and kernel_available():
+        out = jax.lax.platform_dependent(flat, w, cpu=_kernel_matmul, default=reference)
+    else:
+        out = reference(flat, w)
+    return out.reshape(*x.shape[:-1], rows)
+
+
+def _kernel_matmul(flat: jax.Array, w: QuantizedMatrix) -> jax.Array:
+    result = jax.ShapeDtypeStruct((flat.shape[0], w.shape[0]), jnp.float32)
+    arrays = (w.values, w.scales) if w.mins is None else (w.values, w.scales, w.mins)
+    return jax.ffi.ffi_call(_TARGETS[w.kind], result)(flat, *arrays)
+
+
+# ---- the compiled CPU kernel ------------------------------------------------------
+
+_TARGETS = {"q4_1": "foresight_lab_q4_1_matmul", "q8_0": "foresight_lab_q8_0_matmul"}
+_SYMBOLS = {"q4_1": "FlQ41Matmul", "q8_0": "FlQ80Matmul"}
+_kernel_state: dict[str, bool] = {}
+
+
+def kernel_available() -> bool:
+    """Whether the CPU kernel was built with the package and is registered with XLA."""
+    if "available" not in _kernel_state:
+        _kernel_state["available"] = _register_kernel()
+    return _kernel_state["available"]
+
+
+def _register_kernel() -> bool:
+    spec = importlib.util.find_spec("foresight_lab._qmatmul")
+    if spec is None or spec.origin is None:
+        warnings.warn(
+            "foresight_lab's CPU kernel for quantized weights was not built (a C++ compiler "
+            "is needed at install); quantized matmuls use the slower pure-JAX path. "
+            "Reinstall with a compiler (g++ or clang++) to build it.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    library = ctypes.CDLL(spec.origin)
+    for kind, target in _TARGETS.items():
+        capsule = jax.ffi.pycapsule(getattr(library, _SYMBOLS[kind]))
+        jax.ffi.register_ffi_target(target, capsule, platform="cpu")
+    return True

@@ -1,0 +1,82 @@
+"""Weights kept in GGUF blocks: the pure-JAX reference equals the GGUF reader's floats,
+and the compiled CPU kernel agrees with the reference's float32 matmul.
+
+Tolerance of the kernel: both paths multiply the same float32 weights by the same
+float32 inputs; only the order of the sums differs, so they agree to float32 rounding
+of a K-term dot product, well within 1e-5 of the output's scale for K up to 1536.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, quants
+
+from foresight_lab.models import quantized
+from foresight_lab.models.quantized import QuantizedMatrix, from_gguf_blocks
+
+KINDS = {"q4_1": GGMLQuantizationType.Q4_1, "q8_0": GGMLQuantizationType.Q8_0}
+KERNEL_TOLERANCE = 1e-5  # of max |y|
+
+
+def random_matrix(kind: str, rows: int, columns: int, seed: int = 0):
+    """(QuantizedMatrix, the GGUF reader's float32 values) of a random [rows, columns]."""
+    rng = np.random.default_rng(seed)
+    weights = (rng.standard_normal((rows, columns)) * 0.05).astype(np.float32)
+    blocks = quants.quantize(weights, KINDS[kind])
+    reference = quants.dequantize(blocks, KINDS[kind]).astype(np.float32)
+    return from_gguf_blocks(blocks, kind, (rows, columns)), reference
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_reference_dequantizes_to_the_gguf_readers_floats_bit_for_bit(kind):
+    w, expected = random_matrix(kind, 48, 96)
+    assert w.shape == (48, 96)
+    got = np.asarray(jax.jit(quantized.dequantize)(w))
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_embedding_rows_are_the_dequantized_rows(kind):
+    w, expected = random_matrix(kind, 40, 64)
+    ids = jnp.asarray([[3, 0, 39], [7, 7, 1]])
+    got = np.asarray(quantized.take_rows(w, ids))
+    np.testing.assert_array_equal(got, expected[np.asarray(ids)])
+
+
+def test_the_cpu_kernel_was_built_and_registered():
+    # The package builds it at install; without it decode falls back to the slow path.
+    assert quantized.kernel_available()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 32])
+@pytest.mark.parametrize("shape", [(1536, 576), (200, 1536), (7, 64)])
+def test_the_cpu_kernel_agrees_with_the_float32_reference(kind, rows, shape):
+    w, dense = random_matrix(kind, *shape, seed=rows)
+    x = np.random.default_rng(rows).standard_normal((rows, shape[1])).astype(np.float32)
+    got = np.asarray(jax.jit(quantized.matmul)(x, w))
+    expected = x @ dense.T
+    assert got.shape == (rows, shape[0])
+    assert np.abs(got - expected).max() <= KERNEL_TOLERANCE * np.abs(expected).max()
+
+
+def lowered_text(x_shape, w: QuantizedMatrix, use_kernel=True) -> str:
+    x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+    return jax.jit(quantized.matmul, static_argnums=2).lower(x, w, use_kernel).as_text()
+
+
+def test_decode_sized_calls_use_the_kernel_and_prefill_sized_ones_the_reference():
+    w, _ = random_matrix("q4_1", 64, 64)
+    target = quantized._TARGETS["q4_1"]
+    assert target in lowered_text((4, 1, 64), w)  # 4 rows: a decode step of 4 sequences
+    assert target not in lowered_text((1, quantized.KERNEL_MAX_ROWS + 1, 64), w)
+    assert target not in lowered_text((4, 1, 64), w, use_kernel=False)  # e.g. on a mesh
+
+
+def test_batch_dimensions_are_kept():
+    w, dense = random_matrix("q8_0", 24, 64)
+    x = np.random.default_rng(1).standard_normal((2, 3, 64)).astype(np.float32)
+    got = np.asarray(quantized.matmul(x, w))
+    assert got.shape == (2, 3, 24)
+    np.testing.assert_allclose(got, x @ dense.T, rtol=0, atol=1e-5 * np.abs(got).max())
