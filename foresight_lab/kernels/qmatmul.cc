@@ -7,13 +7,18 @@
 //         scales d float16[N, K/32], mins m float16[N, K/32];  w = d * q + m
 //   q8_0: values int8[N, K], scales d float16[N, K/32];         w = d * q
 //
-// Each output row's weights are dequantized into a float buffer that stays in L1
-// (multiply, then add, so they equal the GGUF reader's float32 values bit for bit),
-// then dotted with every row of x. Only the order of the sums differs from a float32
-// matmul of the dequantized matrix. Rows are shared out over XLA's intra-op threads.
+// With AVX2 and FMA, the weights are never formed: each block contributes
+//   d * (q . x_block)  [+ m * sum(x_block) for q4_1]
+// with the integers q converted to float32 and x's block sums computed once per call;
+// everything is float32, so the result differs from a float32 matmul of the
+// dequantized matrix only by rounding in the order of the sums (about 1e-7 of the
+// output's scale). Without AVX2 a portable path dequantizes a row of W into a buffer
+// (multiply, then add, as the reference does) and dots it with x. Output rows are
+// shared out over XLA's intra-op threads.
 //
-// The decode step of a small model is bound by the bytes of weights it reads: these
-// blocks are about 4.5 (q4_1) or 8.5 (q8_0) bits a weight against float32's 32.
+// A decode step of a small model is bound by the bytes of weights it reads and by
+// the work per weight: these blocks are about 4.5 (q4_1) or 8.5 (q8_0) bits a weight
+// against float32's 32.
 
 #include <algorithm>
 #include <atomic>
@@ -21,6 +26,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -116,37 +122,22 @@ void DotScalar(const float* w, const float* x, int64_t rows, int64_t k, int64_t 
 
 #define FL_AVX2 __attribute__((target("avx2,fma,f16c")))
 
-// One block's 32 weights as four vectors of eight, equal to the reference's floats.
-FL_AVX2 inline void BlockAvx2(const Q41Row& row, int64_t b, __m256 w[4]) {
+// Block b's 32 integers (nibbles, or int8 values) as four vectors of eight floats.
+FL_AVX2 inline void IntegersAvx2(const Q41Row& row, int64_t b, __m256 q[4]) {
   const __m128i low_bits = _mm_set1_epi8(0x0f);
-  const __m256 d = _mm256_set1_ps(_cvtsh_ss(row.scales[b]));
-  const __m256 m = _mm256_set1_ps(_cvtsh_ss(row.mins[b]));
   const __m128i bytes =
       _mm_loadu_si128(reinterpret_cast<const __m128i*>(row.nibbles + b * kBlock / 2));
   const __m128i lo = _mm_and_si128(bytes, low_bits);
   const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_bits);
   const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-  for (int p = 0; p < 4; ++p) {
-    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[p]));
-    w[p] = _mm256_add_ps(_mm256_mul_ps(d, q), m);
-  }
+  for (int p = 0; p < 4; ++p) q[p] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[p]));
 }
 
-FL_AVX2 inline void BlockAvx2(const Q80Row& row, int64_t b, __m256 w[4]) {
-  const __m256 d = _mm256_set1_ps(_cvtsh_ss(row.scales[b]));
-  const int8_t* q = row.values + b * kBlock;
+FL_AVX2 inline void IntegersAvx2(const Q80Row& row, int64_t b, __m256 q[4]) {
+  const int8_t* values = row.values + b * kBlock;
   for (int p = 0; p < 4; ++p) {
-    const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * p));
-    w[p] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight)), d);
-  }
-}
-
-template <typename Row>
-FL_AVX2 void DequantizeAvx2(const Row& row, int64_t k, float* out) {
-  for (int64_t b = 0; b < k / kBlock; ++b) {
-    __m256 w[4];
-    BlockAvx2(row, b, w);
-    for (int p = 0; p < 4; ++p) _mm256_storeu_ps(out + b * kBlock + 8 * p, w[p]);
+    const __m128i eight = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(values + 8 * p));
+    q[p] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight));
   }
 }
 
@@ -156,72 +147,67 @@ FL_AVX2 float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
 }
 
-// Sums four accumulators of eight into one float.
-FL_AVX2 inline float Total(const __m256 a[4]) {
-  return HorizontalSum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
-}
-
-// One or two rows of x against one row of weights, four accumulators each (k is a
-// multiple of 32), so the fused multiply-adds do not wait on one another. `Weights`
-// gives block b's 32 weights as four vectors: loaded from a buffer, or dequantized in
-// registers.
-template <bool kTwo, typename Weights>
-FL_AVX2 inline void DotBlocksAvx2(Weights weights, int64_t k, const float* x0, const float* x1,
-                                  float* out0, float* out1) {
-  __m256 a[8];
-  for (auto& v : a) v = _mm256_setzero_ps();
-  for (int64_t b = 0; b < k / kBlock; ++b) {
-    __m256 w[4];
-    weights(b, w);
-    for (int p = 0; p < 4; ++p) {
-      a[p] = _mm256_fmadd_ps(w[p], _mm256_loadu_ps(x0 + b * kBlock + 8 * p), a[p]);
-      if (kTwo) {
-        a[4 + p] = _mm256_fmadd_ps(w[p], _mm256_loadu_ps(x1 + b * kBlock + 8 * p), a[4 + p]);
-      }
+// Row r of W dotted with kRows rows of x (stride k) without forming the weights: the
+// sum over blocks of d * (q . x_block), plus for q4_1 the sum of m * (the block's sum
+// of x), x's block sums computed once per call. The integers of a block are converted
+// once for all kRows rows; with one row, two accumulators alternate blocks so the
+// multiply-adds do not wait on one another.
+template <int kRows, typename Row>
+FL_AVX2 void FactoredAvx2(const Row& row, int64_t k, const float* x, const float* x_sums,
+                          float* out, int64_t out_stride) {
+  constexpr int kChains = kRows == 1 ? 2 : 1;
+  __m256 acc[kRows][kChains];
+  for (auto& chains : acc) {
+    for (auto& v : chains) v = _mm256_setzero_ps();
+  }
+  const int64_t blocks = k / kBlock;
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256 q[4];
+    IntegersAvx2(row, b, q);
+    const __m256 d = _mm256_set1_ps(_cvtsh_ss(row.scales[b]));
+    for (int i = 0; i < kRows; ++i) {
+      const float* xb = x + i * k + b * kBlock;
+      __m256 t = _mm256_mul_ps(q[0], _mm256_loadu_ps(xb));
+      for (int p = 1; p < 4; ++p) t = _mm256_fmadd_ps(q[p], _mm256_loadu_ps(xb + 8 * p), t);
+      acc[i][b % kChains] = _mm256_fmadd_ps(t, d, acc[i][b % kChains]);
     }
   }
-  *out0 = Total(a);
-  if (kTwo) *out1 = Total(a + 4);
+  for (int i = 0; i < kRows; ++i) {
+    __m256 sum = acc[i][0];
+    for (int c = 1; c < kChains; ++c) sum = _mm256_add_ps(sum, acc[i][c]);
+    float total = HorizontalSum(sum);
+    if constexpr (std::is_same_v<Row, Q41Row>) {
+      const float* sums = x_sums + i * blocks;
+      int64_t b = 0;
+      __m256 mins = _mm256_setzero_ps();
+      for (; b + 8 <= blocks; b += 8) {
+        const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row.mins + b));
+        mins = _mm256_fmadd_ps(_mm256_cvtph_ps(halves), _mm256_loadu_ps(sums + b), mins);
+      }
+      total += HorizontalSum(mins);
+      for (; b < blocks; ++b) total += _cvtsh_ss(row.mins[b]) * sums[b];
+    }
+    out[i * out_stride] = total;
+  }
 }
 
-// Block b's weights read from a float buffer, or dequantized in registers (the
-// target attribute does not reach into lambdas, hence small structs).
-struct LoadedBlocks {
-  const float* w;
-  FL_AVX2 void operator()(int64_t b, __m256 v[4]) const {
-    for (int p = 0; p < 4; ++p) v[p] = _mm256_loadu_ps(w + b * kBlock + 8 * p);
-  }
-};
-
+// Every row of x (m of them) against row r of W, four rows of x at a time.
 template <typename Row>
-struct DequantizedBlocks {
-  const Row& row;
-  FL_AVX2 void operator()(int64_t b, __m256 v[4]) const { BlockAvx2(row, b, v); }
-};
-
-// out[i * out_stride] = row w (floats) dotted with row i of x, for every row of x.
-FL_AVX2 void DotAvx2(const float* w, const float* x, int64_t rows, int64_t k, int64_t x_stride,
-                     float* out, int64_t out_stride) {
-  const LoadedBlocks load{w};
+FL_AVX2 void FactoredRowsAvx2(const Row& row, int64_t k, const float* x, int64_t m,
+                              const float* x_sums, float* out, int64_t out_stride) {
+  const int64_t blocks = k / kBlock;
   int64_t i = 0;
-  for (; i + 2 <= rows; i += 2) {
-    DotBlocksAvx2<true>(load, k, x + i * x_stride, x + (i + 1) * x_stride, out + i * out_stride,
-                        out + (i + 1) * out_stride);
+  for (; i + 4 <= m; i += 4) {
+    FactoredAvx2<4>(row, k, x + i * k, x_sums + i * blocks, out + i * out_stride, out_stride);
   }
-  if (i < rows) {
-    DotBlocksAvx2<false>(load, k, x + i * x_stride, nullptr, out + i * out_stride, nullptr);
-  }
-}
-
-// The same for at most two rows of x, dequantizing each block in registers.
-template <typename Row>
-FL_AVX2 void FusedAvx2(const Row& row, int64_t k, const float* x, int64_t rows, float* out,
-                       int64_t out_stride) {
-  const DequantizedBlocks<Row> dequantize{row};
-  if (rows == 2) {
-    DotBlocksAvx2<true>(dequantize, k, x, x + k, out, out + out_stride);
-  } else {
-    DotBlocksAvx2<false>(dequantize, k, x, nullptr, out, nullptr);
+  const float* xi = x + i * k;
+  const float* si = x_sums + i * blocks;
+  float* oi = out + i * out_stride;
+  switch (m - i) {
+    case 3: FactoredAvx2<3>(row, k, xi, si, oi, out_stride); break;
+    case 2: FactoredAvx2<2>(row, k, xi, si, oi, out_stride); break;
+    case 1: FactoredAvx2<1>(row, k, xi, si, oi, out_stride); break;
+    default: break;
   }
 }
 
@@ -232,21 +218,6 @@ bool HasAvx2() {
 }
 
 #endif  // FL_X86
-
-template <typename Row>
-void Dequantize(const Row& row, int64_t k, float* out) {
-#ifdef FL_X86
-  if (HasAvx2()) return DequantizeAvx2(row, k, out);
-#endif
-  DequantizeScalar(row, k, out);
-}
-
-void Dot(const float* w, const float* x, int64_t rows, int64_t k, float* out, int64_t n) {
-#ifdef FL_X86
-  if (HasAvx2()) return DotAvx2(w, x, rows, k, k, out, n);
-#endif
-  DotScalar(w, x, rows, k, k, out, n);
-}
 
 // ---- sharing rows out over threads ----------------------------------------------
 
@@ -285,18 +256,24 @@ ffi::Error Matmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, int64_t
   if (k % kBlock != 0) return ffi::Error::InvalidArgument("K must be a multiple of 32");
   const float* x_data = x.typed_data();
   float* y_data = y->typed_data();
+  // Each row of x's sums over blocks of 32, for the factored path.
+  const int64_t blocks = k / kBlock;
+  auto x_sums = std::make_shared<std::vector<float>>(m * blocks, 0.0f);
+  for (int64_t i = 0; i < m * blocks; ++i) {
+    for (int j = 0; j < kBlock; ++j) (*x_sums)[i] += x_data[i * kBlock + j];
+  }
   ParallelRows(pool, n, k, [=](int64_t begin, int64_t end) {
     thread_local std::vector<float> row;
     row.resize(k);
     for (int64_t r = begin; r < end; ++r) {
 #ifdef FL_X86
-      if (m <= 2 && HasAvx2()) {
-        FusedAvx2(make_row(r), k, x_data, m, y_data + r, n);
+      if (HasAvx2()) {
+        FactoredRowsAvx2(make_row(r), k, x_data, m, x_sums->data(), y_data + r, n);
         continue;
       }
 #endif
-      Dequantize(make_row(r), k, row.data());
-      Dot(row.data(), x_data, m, k, y_data + r, n);
+      DequantizeScalar(make_row(r), k, row.data());
+      DotScalar(row.data(), x_data, m, k, k, y_data + r, n);
     }
   });
   return ffi::Error::Success();
