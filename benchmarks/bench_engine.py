@@ -50,7 +50,7 @@ def bench_foresight(path, prompt: list[int], decode_tokens: int, repeats: int) -
         rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
     lab.engine.shutdown()
     return {
-        "system": "foresight-lab (JAX, fp32)",
+        "system": "foresight-lab (JAX, weights in their Q4_1 and Q8_0 blocks)",
         "ttft_s": min(ttfts),
         "decode_tps": max(rates),
         "peak_rss_mb": peak_rss_mb(),

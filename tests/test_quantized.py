@@ -1,9 +1,11 @@
 """Weights kept in GGUF blocks: the pure-JAX reference equals the GGUF reader's floats,
 and the compiled CPU kernel agrees with the reference's float32 matmul.
 
-Tolerance of the kernel: both paths multiply the same float32 weights by the same
-float32 inputs; only the order of the sums differs, so they agree to float32 rounding
-of a K-term dot product, well within 1e-5 of the output's scale for K up to 1536.
+Tolerance of the kernel: with AVX2 it rounds each block of 32 inputs to int16 with a
+scale of its own (error at most 1/65534 of the block's largest |x| per input) and sums
+the integer products exactly; over K up to 1536 that moves y by at most about 2e-5 of
+max |y| on these random matrices, so 1e-4 of max |y| is the bound (the float32 path
+without AVX2 is within float32 rounding, far inside it).
 """
 
 import jax
@@ -16,7 +18,7 @@ from foresight_lab.models import quantized
 from foresight_lab.models.quantized import QuantizedMatrix, from_gguf_blocks
 
 KINDS = {"q4_1": GGMLQuantizationType.Q4_1, "q8_0": GGMLQuantizationType.Q8_0}
-KERNEL_TOLERANCE = 1e-5  # of max |y|
+KERNEL_TOLERANCE = 1e-4  # of max |y|
 
 
 def random_matrix(kind: str, rows: int, columns: int, seed: int = 0):
@@ -79,4 +81,14 @@ def test_batch_dimensions_are_kept():
     x = np.random.default_rng(1).standard_normal((2, 3, 64)).astype(np.float32)
     got = np.asarray(quantized.matmul(x, w))
     assert got.shape == (2, 3, 24)
-    np.testing.assert_allclose(got, x @ dense.T, rtol=0, atol=1e-5 * np.abs(got).max())
+    np.testing.assert_allclose(got, x @ dense.T, rtol=0, atol=KERNEL_TOLERANCE * np.abs(got).max())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_nan_input_gives_nan_outputs_as_the_reference_does(kind):
+    w, _ = random_matrix(kind, 16, 64)
+    x = np.ones((2, 64), np.float32)
+    x[1, 5] = np.nan
+    got = np.asarray(jax.jit(quantized.matmul)(x, w))
+    assert np.isfinite(got[0]).all()
+    assert np.isnan(got[1]).all()
