@@ -133,10 +133,16 @@ def sample(
     if counts is not None:
         logits = apply_penalties(logits, counts, params)
 
-    cdf = jnp.cumsum(sampling_weights(logits, params), axis=-1)
-    uniform = jax.vmap(lambda key: jax.random.uniform(key))(keys)
-    drawn = jnp.sum(cdf <= (uniform * cdf[:, -1])[:, None], axis=-1)
-    drawn = jnp.minimum(drawn, vocab - 1)
+    def draw() -> jax.Array:
+        cdf = jnp.cumsum(sampling_weights(logits, params), axis=-1)
+        uniform = jax.vmap(lambda key: jax.random.uniform(key))(keys)
+        drawn = jnp.sum(cdf <= (uniform * cdf[:, -1])[:, None], axis=-1, dtype=jnp.int32)
+        return jnp.minimum(drawn, vocab - 1)
+
+    # A batch of greedy rows skips the truncations and the draw (several passes over
+    # the vocabulary a row); both branches are in the one compiled function.
+    rows = logits.shape[0]
+    drawn = jax.lax.cond(jnp.any(params.temperature > 0), draw, lambda: jnp.zeros(rows, jnp.int32))
     greedy = jnp.argmax(logits, axis=-1)  # first of equal maxima, as torch does
     tokens = jnp.where(params.temperature > 0, drawn, greedy).astype(jnp.int32)
     return Sampled(
