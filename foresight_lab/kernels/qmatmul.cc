@@ -23,8 +23,8 @@
 // block instead of one a weight.
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -155,8 +155,8 @@ FL_AVX2 inline void IntegersAvx2(const Q80Row& row, int64_t b, __m256i q[2]) {
 // weight. A block's integers are widened once for all kRows rows.
 template <int kRows, typename Row>
 FL_AVX2 void FactoredAvx2(const Row& row, int64_t k, const int16_t* x16,
-                            const float* x_scales, const float* x_sums, float* out,
-                            int64_t out_stride) {
+                          const float* x_scales, const float* x_sums, float* out,
+                          int64_t out_stride) {
   __m256 acc[kRows];
   for (auto& v : acc) v = _mm256_setzero_ps();
   const int64_t blocks = k / kBlock;
@@ -192,13 +192,13 @@ FL_AVX2 void FactoredAvx2(const Row& row, int64_t k, const int16_t* x16,
 // Every row of x (m of them) against row r of W, four rows of x at a time.
 template <typename Row>
 FL_AVX2 void FactoredRowsAvx2(const Row& row, int64_t k, const int16_t* x16, int64_t m,
-                                const float* x_scales, const float* x_sums, float* out,
-                                int64_t out_stride) {
+                              const float* x_scales, const float* x_sums, float* out,
+                              int64_t out_stride) {
   const int64_t blocks = k / kBlock;
   int64_t i = 0;
   for (; i + 4 <= m; i += 4) {
     FactoredAvx2<4>(row, k, x16 + i * k, x_scales + i * blocks, x_sums + i * blocks,
-                      out + i * out_stride, out_stride);
+                    out + i * out_stride, out_stride);
   }
   const int16_t* xi = x16 + i * k;
   const float* ci = x_scales + i * blocks;
@@ -257,17 +257,15 @@ ffi::Error Matmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, int64_t
   if (k % kBlock != 0) return ffi::Error::InvalidArgument("K must be a multiple of 32");
   const float* x_data = x.typed_data();
   float* y_data = y->typed_data();
-  // Each row of x's sums over blocks of 32, for the factored path.
+  // For the factored path, each block of 32 of x once: its float32 sum, and its values
+  // rounded to int16 (x ~ x16 * x_scale, |x16| <= 32767).
   const int64_t blocks = k / kBlock;
-  auto x_sums = std::make_shared<std::vector<float>>(m * blocks, 0.0f);
-  for (int64_t i = 0; i < m * blocks; ++i) {
-    for (int j = 0; j < kBlock; ++j) (*x_sums)[i] += x_data[i * kBlock + j];
-  }
-  // Each block of x rounded to int16: x ~ x16 * x_scale, |x16| <= 32767.
+  auto x_sums = std::make_shared<std::vector<float>>();
   auto x16 = std::make_shared<std::vector<int16_t>>();
   auto x_scales = std::make_shared<std::vector<float>>();
 #ifdef FL_X86
   if (HasAvx2()) {
+    x_sums->assign(m * blocks, 0.0f);
     x16->resize(m * k);
     x_scales->resize(m * blocks);
     for (int64_t i = 0; i < m * blocks; ++i) {
@@ -275,6 +273,7 @@ ffi::Error Matmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, int64_t
       float amax = 0;
       bool finite = true;
       for (int j = 0; j < kBlock; ++j) {
+        (*x_sums)[i] += xb[j];
         amax = std::max(amax, std::fabs(xb[j]));
         finite = finite && std::isfinite(xb[j]);
       }
@@ -294,7 +293,7 @@ ffi::Error Matmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, int64_t
 #ifdef FL_X86
       if (HasAvx2()) {
         FactoredRowsAvx2(make_row(r), k, x16->data(), m, x_scales->data(), x_sums->data(),
-                           y_data + r, n);
+                         y_data + r, n);
         continue;
       }
 #endif
