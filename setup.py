@@ -1,7 +1,7 @@
-"""Builds the CPU kernel for quantized weights (foresight_lab/kernels/qmatmul.cc).
+"""Builds the CPU kernels (foresight_lab/kernels/*.cc) into foresight_lab._kernels.
 
-Everything else about the package is in pyproject.toml. The kernel is optional: where
-it cannot be compiled, installation goes on and the pure-JAX path serves instead.
+Everything else about the package is in pyproject.toml. The kernels are optional: where
+they cannot be compiled, installation goes on and the pure-JAX paths serve instead.
 """
 
 import pathlib
@@ -14,8 +14,9 @@ XLA_FFI_HEADERS = pathlib.Path(jaxlib.__file__).parent / "include"
 setup(
     ext_modules=[
         Extension(
-            "foresight_lab._qmatmul",
-            sources=["foresight_lab/kernels/qmatmul.cc"],
+            "foresight_lab._kernels",
+            sources=["foresight_lab/kernels/qmatmul.cc", "foresight_lab/kernels/attention.cc"],
+            depends=["foresight_lab/kernels/common.h"],
             include_dirs=[str(XLA_FFI_HEADERS)],
             language="c++",
             # No fused multiply-add contraction: dequantized weights must equal the

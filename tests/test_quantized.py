@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, quants
 
-from foresight_lab.models import quantized
+from foresight_lab.models import cpu_kernels, quantized
 from foresight_lab.models.quantized import QuantizedMatrix, from_gguf_blocks
 
 KINDS = {"q4_1": GGMLQuantizationType.Q4_1, "q8_0": GGMLQuantizationType.Q8_0}
@@ -46,9 +46,9 @@ def test_embedding_rows_are_the_dequantized_rows(kind):
     np.testing.assert_array_equal(got, expected[np.asarray(ids)])
 
 
-def test_the_cpu_kernel_was_built_and_registered():
-    # The package builds it at install; without it decode falls back to the slow path.
-    assert quantized.kernel_available()
+def test_the_cpu_kernels_were_built_and_registered():
+    # The package builds them at install; without them decode falls back to slow paths.
+    assert cpu_kernels.available()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -95,6 +95,13 @@ class Scheduler:
             self._counts_sharding = NamedSharding(mesh, P(self._cache_sharding.spec[0], None))
         self._allocate_state()
         self.steps = Steps(model_config, self._cache_sharding, self._counts_sharding)
+        # A decode step whose attention reads each row's visible positions in place (the
+        # CPU kernel) costs the same for any window, so one cache bucket serves it.
+        self.decode_cache_buckets = (
+            (config.max_cache_length,)
+            if self.steps.decode_reads_cache_in_place
+            else config.cache_buckets
+        )
         self.compiles = CompileCounter()
         self._waiting: deque[RequestHandle] = deque()
         self._slots: list[_Sequence | str | None] = [None] * config.max_slots
@@ -191,7 +198,7 @@ class Scheduler:
         prefill = {
             chunk[1:] for n in range(1, c.max_cache_length) for chunk in self._prefill_plan(n)
         }
-        decode = {(b, kv) for b in c.batch_buckets for kv in c.cache_buckets}
+        decode = {(b, kv) for b in c.batch_buckets for kv in self.decode_cache_buckets}
         return [
             *(("prefill", *shape) for shape in sorted(prefill)),
             *(("prefill_logprobs", *shape) for shape in sorted(prefill)),
@@ -395,7 +402,7 @@ class Scheduler:
     def _decode_step(self) -> None:
         live = self._decoding()
         rows = bucket(max(s.slot for s in live) + 1, self.config.batch_buckets)
-        kv_length = bucket(max(s.position for s in live) + 1, self.config.cache_buckets)
+        kv_length = bucket(max(s.position for s in live) + 1, self.decode_cache_buckets)
         sampled, self.cache, self.counts = self.steps.decode(
             self.params,
             self.cache,

@@ -20,6 +20,7 @@ from foresight_lab.engine.sampler import (
     sample,
     sampling_distribution,
 )
+from foresight_lab.models import cpu_kernels
 from foresight_lab.models.config import ModelConfig
 from foresight_lab.models.decoder import Decoder, LayerCache, empty_cache
 
@@ -71,6 +72,10 @@ class Steps:
     def __init__(self, model_config: ModelConfig, cache_sharding=None, counts_sharding=None):
         # On a mesh XLA partitions the pure-JAX matmuls; the CPU kernel is one device's.
         self.model = Decoder(model_config, cpu_kernel=cache_sharding is None)
+        # Decode attention on the CPU kernel reads only each row's visible positions.
+        self.decode_reads_cache_in_place = (
+            self.model.cpu_kernel and cpu_kernels.available() and jax.default_backend() == "cpu"
+        )
         # On a mesh, pin the state's layout so every step returns what the next expects.
         self._cache_sharding = cache_sharding
         self._counts_sharding = counts_sharding

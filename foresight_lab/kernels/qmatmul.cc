@@ -23,25 +23,25 @@
 // block instead of one a weight.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
+#include "common.h"
 #include "xla/ffi/api/ffi.h"
-
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define FL_X86 1
-#endif
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using foresight_lab::ParallelFor;
+#ifdef FL_X86
+using foresight_lab::HasAvx2;
+using foresight_lab::HorizontalSum;
+#endif
 
 constexpr int64_t kBlock = 32;
 
@@ -122,14 +122,6 @@ void DotScalar(const float* w, const float* x, int64_t rows, int64_t k, int64_t 
 }
 
 #ifdef FL_X86
-
-#define FL_AVX2 __attribute__((target("avx2,fma,f16c")))
-
-FL_AVX2 float HorizontalSum(__m256 v) {
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
-}
 
 // The integers of block b as two vectors of sixteen int16 (weights 0-15 and 16-31).
 FL_AVX2 inline void IntegersAvx2(const Q41Row& row, int64_t b, __m256i q[2]) {
@@ -212,40 +204,9 @@ FL_AVX2 void FactoredRowsAvx2(const Row& row, int64_t k, const int16_t* x16, int
   }
 }
 
-bool HasAvx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-}
-
 #endif  // FL_X86
 
-// ---- sharing rows out over threads ----------------------------------------------
-
-// Workers claim chunks of output rows until none is left. The calling thread works
-// too and then waits only for chunks already claimed, so a task that the pool starts
-// late finds nothing to do and returns at once (the state it reads is shared-owned).
-template <typename Body>
-void ParallelRows(ffi::ThreadPool& pool, int64_t n, int64_t weights_per_row, Body body) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  // Chunks of at least ~64K weights, so a task is worth its scheduling.
-  const int64_t chunk = std::max<int64_t>(8, (1 << 16) / std::max<int64_t>(1, weights_per_row));
-  const int64_t chunks = (n + chunk - 1) / chunk;
-  auto state = std::make_shared<State>();
-  auto work = [state, chunk, chunks, n, body]() {
-    for (int64_t c; (c = state->next.fetch_add(1)) < chunks;) {
-      body(c * chunk, std::min(n, (c + 1) * chunk));
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
-  work();
-  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
-}
+// ---- the handlers ------------------------------------------------------------
 
 template <typename MakeRow>
 ffi::Error Matmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, int64_t n,
@@ -286,7 +247,9 @@ ffi::Error Matmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, int64_t
     }
   }
 #endif
-  ParallelRows(pool, n, k, [=](int64_t begin, int64_t end) {
+  // Chunks of at least 8 rows and ~64K weights, so a task is worth its scheduling.
+  const int64_t chunk = std::max<int64_t>(8, (1 << 16) / std::max<int64_t>(1, k));
+  ParallelFor(pool, n, chunk, [=](int64_t begin, int64_t end) {
     thread_local std::vector<float> row;
     row.resize(k);
     for (int64_t r = begin; r < end; ++r) {

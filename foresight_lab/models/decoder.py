@@ -18,13 +18,14 @@ padding: their writes are dropped.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from foresight_lab.models import quantized
+from foresight_lab.models import cpu_kernels, quantized
 from foresight_lab.models.config import ModelConfig, RopeScaling
 
 LayerCache = tuple[jax.Array, jax.Array]  # (k, v), each Float['slots Hkv S D']
@@ -152,7 +153,6 @@ class Attention(nn.Module):
     ) -> tuple[jax.Array, LayerCache]:
         c = self.config
         batch, length, _ = x.shape
-        groups = c.num_heads // c.num_kv_heads
         q = Linear(c.num_heads * c.head_dim, c.attention_bias, self.cpu_kernel, name="q_proj")(x)
         k = Linear(c.num_kv_heads * c.head_dim, c.attention_bias, self.cpu_kernel, name="k_proj")(x)
         v = Linear(c.num_kv_heads * c.head_dim, c.attention_bias, self.cpu_kernel, name="v_proj")(x)
@@ -171,29 +171,83 @@ class Attention(nn.Module):
         # Indices on axes 0 and 2 around a slice: the update is laid out [B T Hkv D].
         k_cache = k_cache.at[rows, :, positions].set(k.astype(k_cache.dtype), mode="drop")
         v_cache = v_cache.at[rows, :, positions].set(v.astype(v_cache.dtype), mode="drop")
-        window = (batch, c.num_kv_heads, kv_length, c.head_dim)
-        start = (row_start, 0, 0, 0)
-        keys = jax.lax.dynamic_slice(k_cache, start, window)  # [B Hkv S D]
-        values = jax.lax.dynamic_slice(v_cache, start, window)
-
-        # Grouped-query attention: each kv head serves `groups` query heads, whose
-        # queries are stacked as rows q = g * T + t, so both products are plain batched
-        # matmuls over (B, Hkv) on the cache's own layout.
-        q = q.reshape(batch, length, c.num_kv_heads, groups, c.head_dim)
-        q = q.transpose(0, 2, 3, 1, 4).reshape(batch, c.num_kv_heads, groups * length, -1)
-        scores = jnp.einsum("bkqd,bksd->bkqs", q, keys.astype(q.dtype))
-        scores = scores.astype(jnp.float32) / math.sqrt(c.head_dim)
-        visible = jnp.arange(kv_length)[None, None, :] <= positions[:, :, None]  # [B T S]
-        visible = jnp.tile(visible, (1, groups, 1))[:, None]  # [B 1 G*T S]
-        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkqs,bksd->bkqd", weights, values.astype(x.dtype))
-        out = out.reshape(batch, c.num_kv_heads, groups, length, c.head_dim)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(batch, length, c.num_heads * c.head_dim)
+        out = attend(q, k_cache, v_cache, positions, row_start, kv_length, self.cpu_kernel)
         return Linear(c.hidden_size, cpu_kernel=self.cpu_kernel, name="o_proj")(out), (
             k_cache,
             v_cache,
         )
+
+
+def attend(
+    q: jax.Array,  # Float['B T Hq D'], rotated
+    k_cache: jax.Array,  # Float['slots Hkv S D'], this call's keys already written
+    v_cache: jax.Array,  # Float['slots Hkv S D']
+    positions: jax.Array,  # Int['B T']
+    row_start: jax.Array,  # Int[]
+    kv_length: int,
+    use_kernel: bool = True,
+) -> jax.Array:
+    """Causal attention of q over the cache rows row_start.., Float['B T Hq*D'].
+
+    A query at position p sees cache positions 0..p (and at most kv_length of them).
+    One token a row (decode) on the CPU runs the compiled kernel
+    (`kernels/attention.cc`), which reads each row's visible positions in place;
+    otherwise, and as its reference, the pure-JAX path below.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    groups = heads // kv_heads
+    # Grouped-query attention: each kv head serves `groups` query heads, whose queries
+    # are stacked as rows g * T + t, so both products are plain batched matmuls over
+    # (B, Hkv) on the cache's own layout.
+    q = q.reshape(batch, length, kv_heads, groups, head_dim)
+    q = q.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * length, head_dim)
+    args = (q, k_cache, v_cache, positions, row_start)
+    reference = functools.partial(_reference_attention, kv_length=kv_length)
+    if (
+        use_kernel
+        and length == 1
+        and q.dtype == k_cache.dtype == v_cache.dtype == jnp.float32
+        and cpu_kernels.available()
+    ):
+        kernel = functools.partial(_kernel_attention, kv_length=kv_length)
+        out = jax.lax.platform_dependent(*args, cpu=kernel, default=reference)
+    else:
+        out = reference(*args)
+    out = out.reshape(batch, kv_heads, groups, length, head_dim)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads * head_dim)
+
+
+def _reference_attention(q, k_cache, v_cache, positions, row_start, kv_length):
+    """Float['B Hkv G*T D'] from the window of kv_length positions of rows row_start.."""
+    batch, kv_heads, rows, head_dim = q.shape
+    groups = rows // positions.shape[1]
+    window = (batch, kv_heads, kv_length, head_dim)
+    start = (row_start, 0, 0, 0)
+    keys = jax.lax.dynamic_slice(k_cache, start, window)  # [B Hkv S D]
+    values = jax.lax.dynamic_slice(v_cache, start, window)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, keys.astype(q.dtype))
+    scores = scores.astype(jnp.float32) / math.sqrt(head_dim)
+    visible = jnp.arange(kv_length)[None, None, :] <= positions[:, :, None]  # [B T S]
+    visible = jnp.tile(visible, (1, groups, 1))[:, None]  # [B 1 G*T S]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkqs,bksd->bkqd", weights, values.astype(q.dtype))
+
+
+def _kernel_attention(q, k_cache, v_cache, positions, row_start, kv_length):
+    """The CPU kernel for one token a row: q Float['B Hkv G D'] -> the same shape."""
+    call = jax.ffi.ffi_call(
+        "foresight_lab_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    )
+    return call(
+        q,
+        k_cache,
+        v_cache,
+        positions[:, 0].astype(jnp.int32),
+        jnp.asarray(row_start, jnp.int32),
+        kv_length=kv_length,
+    )
 
 
 class MLP(nn.Module):

@@ -24,14 +24,13 @@ output's scale:
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import importlib.util
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from foresight_lab.models import cpu_kernels
 
 BLOCK = 32
 KINDS = ("q4_1", "q8_0")
@@ -119,7 +118,7 @@ def matmul(x: jax.Array, w: QuantizedMatrix, use_kernel: bool = True) -> jax.Arr
     def reference(flat, w):
         return jnp.dot(flat, dequantize(w).T)
 
-    if use_kernel and flat.shape[0] <= KERNEL_MAX_ROWS and kernel_available():
+    if use_kernel and flat.shape[0] <= KERNEL_MAX_ROWS and cpu_kernels.available():
         out = jax.lax.platform_dependent(flat, w, cpu=_kernel_matmul, default=reference)
     else:
         out = reference(flat, w)
@@ -132,33 +131,5 @@ def _kernel_matmul(flat: jax.Array, w: QuantizedMatrix) -> jax.Array:
     return jax.ffi.ffi_call(_TARGETS[w.kind], result)(flat, *arrays)
 
 
-# ---- the compiled CPU kernel ------------------------------------------------------
-
+# Registered by models.cpu_kernels.
 _TARGETS = {"q4_1": "foresight_lab_q4_1_matmul", "q8_0": "foresight_lab_q8_0_matmul"}
-_SYMBOLS = {"q4_1": "FlQ41Matmul", "q8_0": "FlQ80Matmul"}
-_kernel_state: dict[str, bool] = {}
-
-
-def kernel_available() -> bool:
-    """Whether the CPU kernel was built with the package and is registered with XLA."""
-    if "available" not in _kernel_state:
-        _kernel_state["available"] = _register_kernel()
-    return _kernel_state["available"]
-
-
-def _register_kernel() -> bool:
-    spec = importlib.util.find_spec("foresight_lab._qmatmul")
-    if spec is None or spec.origin is None:
-        warnings.warn(
-            "foresight_lab's CPU kernel for quantized weights was not built (a C++ compiler "
-            "is needed at install); quantized matmuls use the slower pure-JAX path. "
-            "Reinstall with a compiler (g++ or clang++) to build it.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return False
-    library = ctypes.CDLL(spec.origin)
-    for kind, target in _TARGETS.items():
-        capsule = jax.ffi.pycapsule(getattr(library, _SYMBOLS[kind]))
-        jax.ffi.register_ffi_target(target, capsule, platform="cpu")
-    return True

@@ -1,0 +1,221 @@
+// Attention of one new token per row over the KV cache where it lies, on the CPU, for
+// XLA through jax.ffi: the attention of a decode step.
+//
+//   q          float32[B, Hkv, G, D]      queries, grouped by the kv head they share
+//   k, v       float32[slots, Hkv, S, D]  the cache; batch row b is cache row row_start + b
+//   positions  int32[B]                   row b attends to cache positions 0..positions[b]
+//   row_start  int32[]
+//   kv_length  attribute: at most this many cache positions are read
+//   out        float32[B, Hkv, G, D]      softmax(q . k / sqrt(D)) . v over those positions
+//
+// The pure-JAX attention in models/decoder.py first copies a window of the cache
+// (rows x kv_length) out of it and then runs two small batched products and a masked
+// softmax over the whole window; at decode those are a few microseconds of arithmetic
+// behind tens of microseconds of copying and dispatch, per layer. This kernel reads
+// only the positions each row can see, in place, one (row, kv head) per task.
+//
+// Edge cases follow the reference: row_start is clamped so the B rows fit, as
+// dynamic_slice does; a row at or beyond kv_length (an idle row) sees all kv_length
+// positions; a row with a negative position sees none, which in the reference's masked
+// softmax means equal weights on all kv_length positions.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using foresight_lab::ParallelFor;
+
+struct Head {
+  const float* q;  // [G, D]
+  const float* k;  // [visible, D]
+  const float* v;  // [visible, D]
+  float* out;      // [G, D]
+  int64_t groups;
+  int64_t visible;  // positions read
+  bool uniform;     // none visible: equal weights, as the reference's masked softmax
+};
+
+// One head, portable: scores, a softmax per query, then the weighted sum of values.
+void HeadScalar(const Head& h, int64_t d, float* scores) {
+  const float root = static_cast<float>(std::sqrt(static_cast<double>(d)));
+  for (int64_t g = 0; g < h.groups; ++g) {
+    float* row = scores + g * h.visible;
+    float top = -INFINITY;
+    for (int64_t s = 0; s < h.visible; ++s) {
+      float dot = 0;
+      for (int64_t j = 0; j < d; ++j) dot += h.q[g * d + j] * h.k[s * d + j];
+      row[s] = h.uniform ? 0.0f : dot / root;
+      top = std::max(top, row[s]);
+    }
+    float total = 0;
+    for (int64_t s = 0; s < h.visible; ++s) total += (row[s] = std::exp(row[s] - top));
+    float* out = h.out + g * d;
+    std::fill(out, out + d, 0.0f);
+    for (int64_t s = 0; s < h.visible; ++s) {
+      const float weight = row[s] / total;
+      for (int64_t j = 0; j < d; ++j) out[j] += weight * h.v[s * d + j];
+    }
+  }
+}
+
+#ifdef FL_X86
+using foresight_lab::HorizontalSum;
+
+// e^x for x <= 0 within a few float32 ulps: 2^n * e^r with r = x - n ln 2 in
+// [-ln2/2, ln2/2] and e^r by its minimax polynomial (Cephes' expf coefficients).
+// Below -87 it gives about 1e-38 instead of a denormal or 0, which a softmax sum of at
+// least 1 does not notice.
+FL_AVX2 inline __m256 Exp(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 e_r = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+                                   _mm256_set1_ps(1.0f));
+  const __m256i exponent =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(e_r, _mm256_castsi256_ps(exponent));
+}
+
+// row[0..n) = exp(row - max(row)), returns their sum.
+FL_AVX2 float ExpShiftedAvx2(float* row, int64_t n) {
+  __m256 top8 = _mm256_set1_ps(-INFINITY);
+  int64_t s = 0;
+  for (; s + 8 <= n; s += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(row + s));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, top8);
+  float top = *std::max_element(lanes, lanes + 8);
+  for (int64_t t = s; t < n; ++t) top = std::max(top, row[t]);
+  const __m256 shift = _mm256_set1_ps(top);
+  __m256 total8 = _mm256_setzero_ps();
+  for (s = 0; s + 8 <= n; s += 8) {
+    const __m256 e = Exp(_mm256_sub_ps(_mm256_loadu_ps(row + s), shift));
+    _mm256_storeu_ps(row + s, e);
+    total8 = _mm256_add_ps(total8, e);
+  }
+  float total = HorizontalSum(total8);
+  for (; s < n; ++s) total += (row[s] = std::exp(row[s] - top));
+  return total;
+}
+
+// One head with AVX2 for a head size of kD (a multiple of 8): a key's vectors are
+// loaded once for all the group's queries, and a query's output stays in registers
+// while the values stream past.
+template <int kD>
+FL_AVX2 void HeadAvx2(const Head& h, float* scores) {
+  constexpr int kVectors = kD / 8;
+  const float root = static_cast<float>(std::sqrt(static_cast<double>(kD)));
+  for (int64_t s = 0; s < h.visible; ++s) {
+    const float* key = h.k + s * kD;
+    for (int64_t g = 0; g < h.groups; ++g) {
+      const float* query = h.q + g * kD;
+      __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(query), _mm256_loadu_ps(key));
+      for (int j = 1; j < kVectors; ++j) {
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(query + 8 * j), _mm256_loadu_ps(key + 8 * j), acc);
+      }
+      scores[g * h.visible + s] = h.uniform ? 0.0f : HorizontalSum(acc) / root;
+    }
+  }
+  for (int64_t g = 0; g < h.groups; ++g) {
+    float* row = scores + g * h.visible;
+    const float sum = ExpShiftedAvx2(row, h.visible);
+    const __m256 total = _mm256_set1_ps(sum);
+    __m256 out[kVectors];
+    for (auto& o : out) o = _mm256_setzero_ps();
+    int64_t s = 0;
+    for (; s + 8 <= h.visible; s += 8) {
+      _mm256_storeu_ps(row + s, _mm256_div_ps(_mm256_loadu_ps(row + s), total));
+    }
+    for (; s < h.visible; ++s) row[s] /= sum;
+    for (s = 0; s < h.visible; ++s) {
+      const __m256 weight = _mm256_set1_ps(row[s]);
+      const float* value = h.v + s * kD;
+      for (int j = 0; j < kVectors; ++j) {
+        out[j] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + 8 * j), out[j]);
+      }
+    }
+    for (int j = 0; j < kVectors; ++j) _mm256_storeu_ps(h.out + g * kD + 8 * j, out[j]);
+  }
+}
+#endif  // FL_X86
+
+void OneHead(const Head& h, int64_t d, float* scores) {
+#ifdef FL_X86
+  if (foresight_lab::HasAvx2()) {
+    if (d == 64) return HeadAvx2<64>(h, scores);
+    if (d == 128) return HeadAvx2<128>(h, scores);
+  }
+#endif
+  HeadScalar(h, d, scores);
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                           ffi::Buffer<ffi::F32> k_cache, ffi::Buffer<ffi::F32> v_cache,
+                           ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> row_start,
+                           int64_t kv_length, ffi::ResultBuffer<ffi::F32> out) {
+  const auto q_dims = q.dimensions();
+  const auto cache_dims = k_cache.dimensions();
+  if (q_dims.size() != 4 || cache_dims.size() != 4) {
+    return ffi::Error::InvalidArgument("q must be [B, Hkv, G, D] and the cache [slots, Hkv, S, D]");
+  }
+  const int64_t batch = q_dims[0], kv_heads = q_dims[1], groups = q_dims[2], d = q_dims[3];
+  const int64_t slots = cache_dims[0], length = cache_dims[2];
+  if (cache_dims[1] != kv_heads || cache_dims[3] != d || batch > slots ||
+      positions.element_count() != static_cast<size_t>(batch)) {
+    return ffi::Error::InvalidArgument("q, cache and positions disagree in shape");
+  }
+  const int64_t first_row = std::clamp<int64_t>(row_start.typed_data()[0], 0, slots - batch);
+  const int64_t readable = std::clamp<int64_t>(kv_length, 1, length);
+  const float* q_data = q.typed_data();
+  const float* k_data = k_cache.typed_data();
+  const float* v_data = v_cache.typed_data();
+  const int32_t* position = positions.typed_data();
+  float* out_data = out->typed_data();
+  ParallelFor(pool, batch * kv_heads, 1, [=](int64_t begin, int64_t end) {
+    thread_local std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads;
+      const int64_t cache_head = ((first_row + b) * kv_heads + task % kv_heads) * length * d;
+      const int64_t seen = std::min<int64_t>(static_cast<int64_t>(position[b]) + 1, readable);
+      const bool uniform = seen <= 0;
+      Head head{q_data + task * groups * d,
+                k_data + cache_head,
+                v_data + cache_head,
+                out_data + task * groups * d,
+                groups,
+                uniform ? readable : seen,
+                uniform};
+      scores.resize(groups * head.visible);
+      OneHead(head, d, scores.data());
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("kv_length")
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,48 @@
+"""The compiled CPU kernels (`foresight_lab/kernels/*.cc`), registered with XLA.
+
+They are built into `foresight_lab._kernels` when the package is installed and called
+through `jax.ffi`; each has a pure-JAX reference that serves every other backend and
+that tests hold it to. Without a C++ compiler at install they are missing, a warning
+says so once, and the references serve on the CPU too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import warnings
+
+import jax
+
+# XLA custom-call target -> the handler symbol exported by the library.
+TARGETS = {
+    "foresight_lab_q4_1_matmul": "FlQ41Matmul",
+    "foresight_lab_q8_0_matmul": "FlQ80Matmul",
+    "foresight_lab_decode_attention": "FlDecodeAttention",
+}
+_state: dict[str, bool] = {}
+
+
+def available() -> bool:
+    """Whether the kernels were built with the package and are registered with XLA."""
+    if "available" not in _state:
+        _state["available"] = _register()
+    return _state["available"]
+
+
+def _register() -> bool:
+    spec = importlib.util.find_spec("foresight_lab._kernels")
+    if spec is None or spec.origin is None:
+        warnings.warn(
+            "foresight_lab's CPU kernels were not built (a C++ compiler is needed at "
+            "install); quantized matmuls and decode attention use the slower pure-JAX "
+            "paths. Reinstall with a compiler (g++ or clang++) to build them.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return False
+    library = ctypes.CDLL(spec.origin)
+    for target, symbol in TARGETS.items():
+        capsule = jax.ffi.pycapsule(getattr(library, symbol))
+        jax.ffi.register_ffi_target(target, capsule, platform="cpu")
+    return True
