@@ -82,6 +82,16 @@ def test_streamed_text_equals_the_completion(tiny_lab):
     assert text == tiny_lab.generate("the quick brown", temperature=0, max_tokens=20).text
 
 
+def test_decode_with_the_cpu_attention_kernel_needs_one_cache_bucket(tiny_lab):
+    # The kernel reads only each row's visible positions, so one window serves every
+    # step; the mixed workload below then runs decode past the smallest bucket.
+    scheduler = tiny_lab.engine._scheduler
+    assert scheduler.steps.decode_reads_cache_in_place
+    decode = [shape for shape in scheduler.shapes() if shape[0] == "decode"]
+    assert {kv for _, _, kv in decode} == {scheduler.config.max_cache_length}
+    assert sorted(rows for _, rows, _ in decode) == list(scheduler.config.batch_buckets)
+
+
 def test_no_compilation_after_warmup_for_any_request_mix(tiny_lab):
     before = tiny_lab.engine.compile_count
     assert before > 0
