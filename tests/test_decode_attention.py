@@ -85,6 +85,6 @@ def lowered(length: int, use_kernel: bool = True) -> str:
 
 def test_decode_uses_the_kernel_and_prefill_the_reference():
     assert cpu_kernels.available()
-    assert "foresight_lab_decode_attention" in lowered(1)
-    assert "foresight_lab_decode_attention" not in lowered(8)  # a prefill chunk
-    assert "foresight_lab_decode_attention" not in lowered(1, use_kernel=False)  # a mesh
+    assert cpu_kernels.DECODE_ATTENTION in lowered(1)
+    assert cpu_kernels.DECODE_ATTENTION not in lowered(8)  # a prefill chunk
+    assert cpu_kernels.DECODE_ATTENTION not in lowered(1, use_kernel=False)  # a mesh

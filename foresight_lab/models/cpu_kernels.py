@@ -14,11 +14,15 @@ import warnings
 
 import jax
 
-# XLA custom-call target -> the handler symbol exported by the library.
+# The XLA custom-call targets that the models call.
+Q4_1_MATMUL = "foresight_lab_q4_1_matmul"
+Q8_0_MATMUL = "foresight_lab_q8_0_matmul"
+DECODE_ATTENTION = "foresight_lab_decode_attention"
+# Target -> the handler symbol exported by the library.
 TARGETS = {
-    "foresight_lab_q4_1_matmul": "FlQ41Matmul",
-    "foresight_lab_q8_0_matmul": "FlQ80Matmul",
-    "foresight_lab_decode_attention": "FlDecodeAttention",
+    Q4_1_MATMUL: "FlQ41Matmul",
+    Q8_0_MATMUL: "FlQ80Matmul",
+    DECODE_ATTENTION: "FlDecodeAttention",
 }
 _state: dict[str, bool] = {}
 

@@ -238,7 +238,7 @@ def _reference_attention(q, k_cache, v_cache, positions, row_start, kv_length):
 def _kernel_attention(q, k_cache, v_cache, positions, row_start, kv_length):
     """The CPU kernel for one token a row: q Float['B Hkv G D'] -> the same shape."""
     call = jax.ffi.ffi_call(
-        "foresight_lab_decode_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32)
+        cpu_kernels.DECODE_ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32)
     )
     return call(
         q,

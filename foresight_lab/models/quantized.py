@@ -131,5 +131,4 @@ def _kernel_matmul(flat: jax.Array, w: QuantizedMatrix) -> jax.Array:
     return jax.ffi.ffi_call(_TARGETS[w.kind], result)(flat, *arrays)
 
 
-# Registered by models.cpu_kernels.
-_TARGETS = {"q4_1": "foresight_lab_q4_1_matmul", "q8_0": "foresight_lab_q8_0_matmul"}
+_TARGETS = {"q4_1": cpu_kernels.Q4_1_MATMUL, "q8_0": cpu_kernels.Q8_0_MATMUL}
