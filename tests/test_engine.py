@@ -145,13 +145,37 @@ def test_eos_ends_a_choice_with_finish_reason_stop(tiny_lab):
     first = free.token_ids.index(eos)
     model = dataclasses.replace(tiny_lab.model, eos_token_ids=frozenset({eos}))
     lab = Lab(model, EngineConfig(max_slots=1, max_cache_length=64))
+    steps = lab.engine._scheduler.steps
+    decode, calls = steps.decode, []
+    steps.decode = lambda *args, **kwargs: calls.append(1) or decode(*args, **kwargs)
+    penalized = dict(temperature=0, max_tokens=10, frequency_penalty=2.0, presence_penalty=1.0)
     try:
+        fresh = lab.generate(OTHER_PROMPTS[0], **penalized)
+        calls.clear()
         out = lab.generate(PROMPT, temperature=0, max_tokens=10)
+        steps_for_eos = len(calls)
+        after = lab.generate(OTHER_PROMPTS[0], **penalized)
     finally:
         lab.engine.shutdown()
     assert out.finish_reason == "stop"
     assert out.token_ids == free.token_ids[: first + 1]
     assert out.usage.completion_tokens == first + 1
+    # Decode is pipelined: the step after EOS was dispatched before EOS was read back.
+    assert steps_for_eos == first + 2
+    # That step wrote into the slot (a cache entry, a penalty count); the slot's next
+    # sequence sees none of it.
+    assert after.token_ids == fresh.token_ids
+
+
+def test_max_tokens_dispatches_no_step_past_the_last_token(tiny_lab):
+    steps = tiny_lab.engine._scheduler.steps
+    decode, calls = steps.decode, []
+    steps.decode = lambda *args, **kwargs: calls.append(1) or decode(*args, **kwargs)
+    try:
+        out = tiny_lab.generate(PROMPT, temperature=0, max_tokens=7, ignore_eos=True)
+    finally:
+        steps.decode = decode
+    assert len(out.token_ids) == len(calls) == 7
 
 
 def test_logprobs_of_chosen_and_top_tokens(tiny_lab):

@@ -2,14 +2,24 @@
 
     submit() ─► waiting ─► admit: prefill prompt[:-1] into a free slot, copy it to
                             the slots of the other n choices
-                        ─► decode step over the occupied prefix of slots
-                        ─► per sequence: detokenize, match stops, EOS, max_tokens
+                        ─► dispatch a decode step over the occupied prefix of slots
+                        ─► read the previous step back; per sequence: detokenize,
+                            match stops, EOS, max_tokens
                         ─► Delta events on the request's queue; finished slots freed
 
 Each sequence enters decoding with its last prompt token as input, so the first
 generated token is sampled by the same decode step, with the same per-row key
 scheme, as every later one. Slots are taken lowest-first so the occupied rows stay a
 short prefix and the decode step runs at the smallest batch bucket that covers them.
+
+Decode is pipelined one step deep: step N+1 is dispatched, taking step N's tokens
+from the device, before step N's tokens are read back, so the host's per-token work
+(reading back, detokenizing, streaming) overlaps the device's next step. A sequence
+that step N finishes has already been given step N+1; that step's token for it is
+dropped, and what it wrote (one cache entry past the sequence's end, one count) is
+invisible to the slot's next sequence, which attends only to its own positions and
+starts from cleared counts. Tokens are unchanged by the pipelining: a row's key
+depends on its seed, choice and position, not on the step that samples it.
 """
 
 from __future__ import annotations
@@ -35,9 +45,9 @@ from foresight_lab.engine.request import (
     TokenLogprob,
     TopLogprob,
 )
-from foresight_lab.engine.sampler import SamplingParams
+from foresight_lab.engine.sampler import Sampled, SamplingParams
 from foresight_lab.engine.sharding import cache_spec, shard_params
-from foresight_lab.engine.step import CompileCounter, Steps
+from foresight_lab.engine.step import FROM_LAST_STEP, CompileCounter, Steps
 from foresight_lab.engine.text import CompletionText
 from foresight_lab.models.config import ModelConfig
 
@@ -49,10 +59,19 @@ class _Sequence:
     handle: RequestHandle
     index: int
     slot: int
-    token: int  # the next decode step's input
+    token: int  # the next decode step's input, or FROM_LAST_STEP (still on the device)
     position: int  # where that token sits
     text: CompletionText
-    generated: int = 0
+    dispatched: int = 0  # decode steps dispatched for it, read back or not
+    generated: int = 0  # tokens read back and emitted
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A dispatched decode step whose tokens have not been read back yet."""
+
+    sampled: Sampled
+    sequences: list[_Sequence]
 
 
 @dataclasses.dataclass
@@ -86,15 +105,19 @@ class Scheduler:
         check_budget(model_config, config, devices=1 if mesh is None else mesh.size)
         if mesh is None:
             self.params = jax.device_put(params)
-            self._cache_sharding = self._counts_sharding = None
+            self._cache_sharding = self._counts_sharding = self._tokens_sharding = None
         else:
             self.params = shard_params(params, model_config, mesh)
             self._cache_sharding = NamedSharding(
                 mesh, cache_spec(model_config, config.max_slots, mesh)
             )
-            self._counts_sharding = NamedSharding(mesh, P(self._cache_sharding.spec[0], None))
+            slots_axis = self._cache_sharding.spec[0]
+            self._counts_sharding = NamedSharding(mesh, P(slots_axis, None))
+            self._tokens_sharding = NamedSharding(mesh, P(slots_axis))
         self._allocate_state()
-        self.steps = Steps(model_config, self._cache_sharding, self._counts_sharding)
+        self.steps = Steps(
+            model_config, self._cache_sharding, self._counts_sharding, self._tokens_sharding
+        )
         # A decode step whose attention reads each row's visible positions in place (the
         # CPU kernel) costs the same for any window, so one cache bucket serves it.
         self.decode_cache_buckets = (
@@ -106,6 +129,7 @@ class Scheduler:
         self._waiting: deque[RequestHandle] = deque()
         self._slots: list[_Sequence | str | None] = [None] * config.max_slots
         self._prefilling: deque[_Prefill] = deque()
+        self._in_flight: _InFlight | None = None
         self._wake = threading.Condition()
         self._device = threading.Lock()  # the cache is donated: one user at a time
         self._thread: threading.Thread | None = None
@@ -221,10 +245,11 @@ class Scheduler:
                     self.params, self.cache, zeros, idle, np.int32(0), zeros, kv_length=kv_length
                 )
             else:
-                sampled, self.cache, self.counts = self.steps.decode(
+                sampled, self.cache, self.counts, self.last_tokens = self.steps.decode(
                     self.params,
                     self.cache,
                     self.counts,
+                    self.last_tokens,
                     *self._decode_inputs([], size),
                     kv_length=kv_length,
                 )
@@ -271,7 +296,7 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopping or self._waiting or self.active_slots):
+                while not (self._stopping or self._waiting or self.active_slots or self._in_flight):
                     self._wake.wait()
                 if self._stopping:
                     self._fail_all(EngineError("the engine was stopped"))
@@ -284,8 +309,9 @@ class Scheduler:
                     # running streams by a chunk at a time, not by its whole prefill.
                     if self._prefilling:
                         self._prefill_next_chunk()
-                    if self._decoding():
-                        self._decode_step()
+                    previous, self._in_flight = self._in_flight, self._dispatch_decode()
+                    if previous is not None:
+                        self._read_back(previous)
             except Exception as error:  # never let one failure kill the engine
                 self._fail_all(error)
 
@@ -399,26 +425,38 @@ class Scheduler:
         sampling = SamplingParams(temperature, top_p, top_k, min_p, presence, frequency)
         return tokens, positions, sampling, seeds, choices
 
-    def _decode_step(self) -> None:
-        live = self._decoding()
+    def _dispatch_decode(self) -> _InFlight | None:
+        """Dispatches one decode step for every sequence that still needs tokens."""
+        live = [s for s in self._decoding() if s.dispatched < s.handle.max_tokens]
+        if not live:
+            return None
         rows = bucket(max(s.slot for s in live) + 1, self.config.batch_buckets)
         kv_length = bucket(max(s.position for s in live) + 1, self.decode_cache_buckets)
-        sampled, self.cache, self.counts = self.steps.decode(
+        sampled, self.cache, self.counts, self.last_tokens = self.steps.decode(
             self.params,
             self.cache,
             self.counts,
+            self.last_tokens,
             *self._decode_inputs(live, rows),
             kv_length=kv_length,
         )
-        tokens = np.asarray(sampled.tokens)
-        logprobs = np.asarray(sampled.logprobs)
-        wants_top = any(s.handle.options.top_logprobs for s in live)
-        top_tokens = np.asarray(sampled.top_tokens) if wants_top else None
-        top_logprobs = np.asarray(sampled.top_logprobs) if wants_top else None
         for s in live:
+            s.token, s.position = FROM_LAST_STEP, s.position + 1
+            s.dispatched += 1
+        return _InFlight(sampled, live)
+
+    def _read_back(self, step: _InFlight) -> None:
+        """Emits a step's tokens to the sequences that are still running."""
+        tokens = np.asarray(step.sampled.tokens)
+        logprobs = np.asarray(step.sampled.logprobs)
+        wants_top = any(s.handle.options.top_logprobs for s in step.sequences)
+        top_tokens = np.asarray(step.sampled.top_tokens) if wants_top else None
+        top_logprobs = np.asarray(step.sampled.top_logprobs) if wants_top else None
+        for s in step.sequences:
+            if self._slots[s.slot] is not s:
+                continue  # finished by the step before, or cancelled, while this one ran
             token = int(tokens[s.slot])
             s.generated += 1
-            s.token, s.position = token, s.position + 1
             finish = None
             if token in self.eos_token_ids and not s.handle.options.ignore_eos:
                 text, finish = s.text.finish(), "stop"
@@ -460,6 +498,7 @@ class Scheduler:
         handles = {id(s.handle): s.handle for s in self._decoding()}
         handles.update({id(job.handle): job.handle for job in self._prefilling})
         self._prefilling.clear()
+        self._in_flight = None
         with self._wake:
             handles.update({id(h): h for h in self._waiting})
             self._waiting.clear()
@@ -470,9 +509,12 @@ class Scheduler:
         self._allocate_state()
 
     def _allocate_state(self) -> None:
-        """The KV cache and the generated-token counts, placed on the mesh if there is one."""
+        """The KV cache, the generated-token counts and each slot's last sampled token,
+        placed on the mesh if there is one."""
         self.cache = allocate(self.model_config, self.config)
         self.counts = jnp.zeros((self.config.max_slots, self.model_config.vocab_size), jnp.int32)
+        self.last_tokens = jnp.zeros(self.config.max_slots, jnp.int32)
         if self.mesh is not None:
             self.cache = jax.device_put(self.cache, self._cache_sharding)
             self.counts = jax.device_put(self.counts, self._counts_sharding)
+            self.last_tokens = jax.device_put(self.last_tokens, self._tokens_sharding)

@@ -3,6 +3,9 @@
 Each is compiled once per shape bucket (batch rows, prompt chunk, attended cache
 length); sampling parameters, seeds and positions are traced arrays. The cache is
 donated, so XLA updates it in place instead of copying it every token.
+
+The decode state also keeps each slot's last sampled token on the device, so the
+scheduler can dispatch the next step before it has read this one's tokens back.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from foresight_lab.models.config import ModelConfig
 from foresight_lab.models.decoder import Decoder, LayerCache, empty_cache
 
 Cache = tuple[LayerCache, ...]
+
+# A decode row's input token that is the one its slot sampled in the previous step,
+# still on the device (the scheduler has not read it back yet).
+FROM_LAST_STEP = -1
 
 # Backend compilations are counted per thread that runs engine code, so an engine can
 # report its own count (JAX compiles on the thread that first calls a new shape).
@@ -69,7 +76,13 @@ class CompileCounter:
 class Steps:
     """The compiled model functions of one engine."""
 
-    def __init__(self, model_config: ModelConfig, cache_sharding=None, counts_sharding=None):
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        cache_sharding=None,
+        counts_sharding=None,
+        tokens_sharding=None,
+    ):
         # On a mesh XLA partitions the pure-JAX matmuls; the CPU kernel is one device's.
         self.model = Decoder(model_config, cpu_kernel=cache_sharding is None)
         # Decode attention on the CPU kernel reads only each row's visible positions.
@@ -79,9 +92,12 @@ class Steps:
         # On a mesh, pin the state's layout so every step returns what the next expects.
         self._cache_sharding = cache_sharding
         self._counts_sharding = counts_sharding
+        self._tokens_sharding = tokens_sharding
         self.prefill = jax.jit(self._prefill, static_argnames="kv_length", donate_argnames="cache")
         self.decode = jax.jit(
-            self._decode, static_argnames="kv_length", donate_argnames=("cache", "counts")
+            self._decode,
+            static_argnames="kv_length",
+            donate_argnames=("cache", "counts", "last_tokens"),
         )
         self.copy_row = jax.jit(_copy_row, donate_argnames="cache")
         self.prefill_with_logprobs = jax.jit(
@@ -148,14 +164,16 @@ class Steps:
         params,
         cache: Cache,
         counts: jax.Array,  # Int['slots V'], tokens generated so far per slot
-        tokens: jax.Array,  # Int['B'], the last token of each row
+        last_tokens: jax.Array,  # Int['slots'], each slot's token sampled by its last step
+        tokens: jax.Array,  # Int['B'], each row's input; FROM_LAST_STEP takes last_tokens'
         positions: jax.Array,  # Int['B'], where that token sits; idle rows at >= cache length
         sampling: SamplingParams,
         seeds: jax.Array,  # UInt32['B 2']
         choices: jax.Array,  # Int['B']
         kv_length: int,
-    ) -> tuple[Sampled, Cache, jax.Array]:
+    ) -> tuple[Sampled, Cache, jax.Array, jax.Array]:
         rows = tokens.shape[0]
+        tokens = jnp.where(tokens == FROM_LAST_STEP, last_tokens[:rows], tokens)
         logits, cache = self.model.apply(
             {"params": params}, tokens[:, None], positions[:, None], cache, 0, kv_length
         )
@@ -163,9 +181,11 @@ class Steps:
         keys = row_keys(seeds, choices, positions + 1)
         sampled = sample(logits[:, 0], sampling, keys, counts[:rows])
         counts = counts.at[jnp.arange(rows), sampled.tokens].add(1)
+        last_tokens = last_tokens.at[:rows].set(sampled.tokens)
         if self._counts_sharding is not None:
             counts = jax.lax.with_sharding_constraint(counts, self._counts_sharding)
-        return sampled, self._pin_cache(cache), counts
+            last_tokens = jax.lax.with_sharding_constraint(last_tokens, self._tokens_sharding)
+        return sampled, self._pin_cache(cache), counts, last_tokens
 
 
 def _copy_row(cache: Cache, source: jax.Array, target: jax.Array) -> Cache:
