@@ -1,5 +1,9 @@
 """The real SmolLM2-135M-Instruct GGUF, read by this project, against transformers on PyTorch."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import transformers
@@ -82,6 +86,24 @@ def test_our_gguf_tokenizer_is_the_one_transformers_builds(smollm2_path):
             reference.eos_token_id,
             reference.bos_token_id,
         )
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc")
+def test_loading_imports_no_pytorch_and_leaves_the_file_unmapped(smollm2_path, tmp_path):
+    """A server's memory: the GGUF's pages are not kept resident through a view of its
+    memory map, and the tokenizer does not pull in PyTorch (installed here for tests),
+    neither when it is first built nor when its saved copy is loaded."""
+    script = (
+        "import sys\n"
+        "from foresight_lab.weights.loader import load_model\n"
+        "for _ in range(2):\n"
+        f"    model = load_model({str(smollm2_path)!r}, progress=False)\n"
+        "assert 'torch' not in sys.modules, 'PyTorch was imported'\n"
+        f"assert {smollm2_path.name!r} not in open('/proc/self/maps').read(), 'still mapped'\n"
+    )
+    env = {**os.environ, "FORESIGHT_LAB_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_streamed_pieces_never_split_a_character(smollm2_lab):

@@ -60,7 +60,10 @@ def dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
             f"tensor {tensor.name} uses GGML type {tensor.tensor_type.name}, which cannot be "
             "dequantized here; re-quantize the model as Q8_0, Q4_K, Q5_K, Q6_K or F16"
         ) from error
-    return np.asarray(values, dtype=np.float32)
+    values = np.asarray(values, dtype=np.float32)
+    # A float32 tensor comes back as a view of the file's memory map, which would keep
+    # the whole file mapped, and its pages resident, for as long as the model lives.
+    return values.copy() if np.may_share_memory(values, tensor.data) else values
 
 
 def keep_blocks(tensor: gguf.ReaderTensor) -> QuantizedMatrix | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
+import jax
+
 from foresight_lab.models.config import ModelConfig
 from foresight_lab.progress import progress_bar
 from foresight_lab.tokenizer import eos_token_ids, load_tokenizer
@@ -19,7 +21,7 @@ class LoadedModel:
 
     name: str  # the id it is served as
     config: ModelConfig
-    params: dict  # the decoder's parameter pytree: float32 numpy arrays, QuantizedMatrix blocks
+    params: dict  # the decoder's parameter pytree: float32 arrays, QuantizedMatrix blocks
     tokenizer: object  # a transformers tokenizer
     eos_token_ids: frozenset[int]
     path: pathlib.Path | None = None
@@ -50,6 +52,9 @@ def load_model(
         metadata = None
         with progress_bar(desc="Loading weights", unit="tensor", progress=progress) as bar:
             config, params = read_hf_directory(path, on_tensor=lambda _: bar.update())
+    # Host memory as JAX arrays: the engine then uses them where they are on a CPU
+    # backend instead of holding a second copy (a GPU or TPU engine copies them over).
+    params = jax.device_put(params, jax.devices("cpu")[0])
     tokenizer = load_tokenizer(path)
     return LoadedModel(
         name=registry.served_name(str(model)),
