@@ -641,7 +641,9 @@ def test_a_client_that_leaves_while_waiting_for_a_whole_reply_cancels_it(server,
 
 
 def test_a_queued_request_whose_client_left_never_runs():
-    engine = MockEngine(max_slots=1, token_delay=0.01)
+    # The first request holds the slot for 6 s unless its client leaves; a shorter hold
+    # could end before the second request arrives on a busy machine, which would not queue.
+    engine = MockEngine(max_slots=1, token_delay=0.2)
     with serve(engine, port=0) as small, httpx.Client(base_url=small.url, timeout=30) as http:
         body = {**COMPLETION, "max_tokens": 30, "stream": True}
         with http.stream("POST", "/openai/completions", json=body) as holder:

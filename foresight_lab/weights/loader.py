@@ -21,7 +21,9 @@ class LoadedModel:
 
     name: str  # the id it is served as
     config: ModelConfig
-    params: dict  # the decoder's parameter pytree: float32 arrays, QuantizedMatrix blocks
+    # The decoder's parameter pytree: float32 arrays (JAX arrays on a CPU backend, numpy
+    # otherwise) and QuantizedMatrix blocks.
+    params: dict
     tokenizer: object  # a transformers tokenizer
     eos_token_ids: frozenset[int]
     path: pathlib.Path | None = None
@@ -52,9 +54,11 @@ def load_model(
         metadata = None
         with progress_bar(desc="Loading weights", unit="tensor", progress=progress) as bar:
             config, params = read_hf_directory(path, on_tensor=lambda _: bar.update())
-    # Host memory as JAX arrays: the engine then uses them where they are on a CPU
-    # backend instead of holding a second copy (a GPU or TPU engine copies them over).
-    params = jax.device_put(params, jax.devices("cpu")[0])
+    if jax.default_backend() == "cpu":
+        # As JAX arrays, which the engine then uses where they are instead of holding a
+        # second copy. Uncommitted, like every other input of the engine's functions: a
+        # committed one would give them other shardings, and so other compilations.
+        params = jax.device_put(params)
     tokenizer = load_tokenizer(path)
     return LoadedModel(
         name=registry.served_name(str(model)),
