@@ -167,6 +167,19 @@ def test_eos_ends_a_choice_with_finish_reason_stop(tiny_lab):
     assert after.token_ids == fresh.token_ids
 
 
+def test_warming_up_while_requests_run_leaves_their_tokens_alone(tiny_lab):
+    """Warm-up runs every shape on idle rows between the running steps; nothing it does
+    may reach a running sequence's cache row, penalty counts or next input token."""
+    sampling = dict(
+        temperature=0.9, seed=5, frequency_penalty=1.5, presence_penalty=0.5, max_tokens=240
+    )
+    alone = tiny_lab.generate(PROMPT, **sampling)
+    handles = [tiny_lab.engine.submit(PROMPT, options(**sampling)) for _ in range(3)]
+    tiny_lab.warmup(progress=False)
+    assert tiny_lab.engine.active_slots, "the requests ended before the warm-up did"
+    assert [h.result().token_ids for h in handles] == [alone.token_ids] * 3
+
+
 def test_max_tokens_dispatches_no_step_past_the_last_token(tiny_lab):
     steps = tiny_lab.engine._scheduler.steps
     decode, calls = steps.decode, []

@@ -230,7 +230,8 @@ class Scheduler:
         ]
 
     def compile_shape(self, kind: str, size: int, kv_length: int) -> None:
-        """Runs one shape on idle inputs (every write dropped) so it is compiled."""
+        """Runs one shape on idle inputs so it is compiled; every write is dropped, so
+        sequences running meanwhile are untouched."""
         idle = np.full((1, size), self.config.max_cache_length, np.int32)
         zeros = np.zeros((1, size), np.int32)
         with self._device, self.compiles:
@@ -239,7 +240,7 @@ class Scheduler:
                     self.params, self.cache, zeros, idle, np.int32(0), kv_length=kv_length
                 )
                 self.cache = self.steps.copy_row(self.cache, np.int32(0), np.int32(0))
-                self.counts = self.steps.clear_counts(self.counts, np.int32(0))
+                self.steps.clear_counts(self._zero_counts(), np.int32(0))
             elif kind == "prefill_logprobs":
                 self.cache, *_ = self.steps.prefill_with_logprobs(
                     self.params, self.cache, zeros, idle, np.int32(0), zeros, kv_length=kv_length
@@ -512,9 +513,13 @@ class Scheduler:
         """The KV cache, the generated-token counts and each slot's last sampled token,
         placed on the mesh if there is one."""
         self.cache = allocate(self.model_config, self.config)
-        self.counts = jnp.zeros((self.config.max_slots, self.model_config.vocab_size), jnp.int32)
+        self.counts = self._zero_counts()
         self.last_tokens = jnp.zeros(self.config.max_slots, jnp.int32)
         if self.mesh is not None:
             self.cache = jax.device_put(self.cache, self._cache_sharding)
-            self.counts = jax.device_put(self.counts, self._counts_sharding)
             self.last_tokens = jax.device_put(self.last_tokens, self._tokens_sharding)
+
+    def _zero_counts(self) -> jax.Array:
+        """Int['slots V'] zeros, laid out as the engine's generated-token counts."""
+        counts = jnp.zeros((self.config.max_slots, self.model_config.vocab_size), jnp.int32)
+        return counts if self.mesh is None else jax.device_put(counts, self._counts_sharding)

@@ -180,8 +180,11 @@ class Steps:
         # The key of a sampled token is folded with the position it will occupy.
         keys = row_keys(seeds, choices, positions + 1)
         sampled = sample(logits[:, 0], sampling, keys, counts[:rows])
-        counts = counts.at[jnp.arange(rows), sampled.tokens].add(1)
-        last_tokens = last_tokens.at[:rows].set(sampled.tokens)
+        # Only rows with a sequence count and remember their token: an idle row's slot
+        # may belong to a sequence that skips this step, or to no one.
+        real = positions < cache[0][0].shape[2]
+        counts = counts.at[jnp.arange(rows), sampled.tokens].add(real.astype(counts.dtype))
+        last_tokens = last_tokens.at[:rows].set(jnp.where(real, sampled.tokens, last_tokens[:rows]))
         if self._counts_sharding is not None:
             counts = jax.lax.with_sharding_constraint(counts, self._counts_sharding)
             last_tokens = jax.lax.with_sharding_constraint(last_tokens, self._tokens_sharding)
