@@ -1,5 +1,6 @@
 """The engine on a tiny random Llama: determinism, batching, stops, limits, compilations."""
 
+import contextlib
 import dataclasses
 import time
 
@@ -24,6 +25,18 @@ def run_concurrently(lab, requests):
     """Submits every (prompt, options) at once so they share decode steps; returns results."""
     handles = [lab.engine.submit(prompt, options) for prompt, options in requests]
     return [h.result() for h in handles]
+
+
+@contextlib.contextmanager
+def counting_decode_steps(lab):
+    """Yields a list that gets one entry per decode step the lab's engine dispatches."""
+    steps = lab.engine._scheduler.steps
+    decode, calls = steps.decode, []
+    steps.decode = lambda *args, **kwargs: calls.append(1) or decode(*args, **kwargs)
+    try:
+        yield calls
+    finally:
+        steps.decode = decode
 
 
 def options(**kwargs):
@@ -145,14 +158,11 @@ def test_eos_ends_a_choice_with_finish_reason_stop(tiny_lab):
     first = free.token_ids.index(eos)
     model = dataclasses.replace(tiny_lab.model, eos_token_ids=frozenset({eos}))
     lab = Lab(model, EngineConfig(max_slots=1, max_cache_length=64))
-    steps = lab.engine._scheduler.steps
-    decode, calls = steps.decode, []
-    steps.decode = lambda *args, **kwargs: calls.append(1) or decode(*args, **kwargs)
     penalized = dict(temperature=0, max_tokens=10, frequency_penalty=2.0, presence_penalty=1.0)
     try:
         fresh = lab.generate(OTHER_PROMPTS[0], **penalized)
-        calls.clear()
-        out = lab.generate(PROMPT, temperature=0, max_tokens=10)
+        with counting_decode_steps(lab) as calls:
+            out = lab.generate(PROMPT, temperature=0, max_tokens=10)
         steps_for_eos = len(calls)
         after = lab.generate(OTHER_PROMPTS[0], **penalized)
     finally:
@@ -181,13 +191,8 @@ def test_warming_up_while_requests_run_leaves_their_tokens_alone(tiny_lab):
 
 
 def test_max_tokens_dispatches_no_step_past_the_last_token(tiny_lab):
-    steps = tiny_lab.engine._scheduler.steps
-    decode, calls = steps.decode, []
-    steps.decode = lambda *args, **kwargs: calls.append(1) or decode(*args, **kwargs)
-    try:
+    with counting_decode_steps(tiny_lab) as calls:
         out = tiny_lab.generate(PROMPT, temperature=0, max_tokens=7, ignore_eos=True)
-    finally:
-        steps.decode = decode
     assert len(out.token_ids) == len(calls) == 7
 
 
