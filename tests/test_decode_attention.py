@@ -16,22 +16,25 @@ from foresight_lab.models import cpu_kernels
 from foresight_lab.models.decoder import attend
 
 TOLERANCE = 1e-5  # of max |out|
-SLOTS, LENGTH = 6, 40
+LAYERS, SLOTS, LENGTH = 3, 6, 40
+LAYER = 1  # the layer the tests attend over; the others must not be read
 
 
 def random_case(batch, heads, kv_heads, head_dim, seed=0):
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((batch, 1, heads, head_dim)).astype(np.float32)
     # Keys scaled up so the softmax is far from uniform and its max matters.
-    k = (3 * rng.standard_normal((SLOTS, kv_heads, LENGTH, head_dim))).astype(np.float32)
-    v = rng.standard_normal((SLOTS, kv_heads, LENGTH, head_dim)).astype(np.float32)
+    shape = (LAYERS, SLOTS, kv_heads, LENGTH, head_dim)
+    k = (3 * rng.standard_normal(shape)).astype(np.float32)
+    v = rng.standard_normal(shape).astype(np.float32)
     return q, k, v
 
 
 def both(q, k, v, positions, row_start, kv_length):
     run = functools.partial(attend, kv_length=kv_length)
     run = jax.jit(run, static_argnames="use_kernel")
-    args = (q, k, v, jnp.asarray(positions, jnp.int32)[:, None], jnp.int32(row_start))
+    positions = jnp.asarray(positions, jnp.int32)[:, None]
+    args = (q, k, v, positions, jnp.int32(row_start), jnp.int32(LAYER))
     return np.asarray(run(*args, use_kernel=True)), np.asarray(run(*args, use_kernel=False))
 
 
@@ -64,23 +67,25 @@ def test_row_start_is_clamped_as_dynamic_slice_does():
 
 
 def test_a_row_reads_only_its_own_visible_positions():
-    # Entries beyond a row's position (stale ones from an earlier occupant) and other
-    # rows' entries must not change its output.
+    # Entries beyond a row's position (stale ones from an earlier occupant), other
+    # rows' entries and other layers' must not change its output.
     q, k, v = random_case(2, 9, 3, 64, seed=3)
     got, _ = both(q, k, v, [10, 20], row_start=2, kv_length=32)
     k2, v2 = k.copy(), v.copy()
-    k2[2, :, 11:], v2[2, :, 11:] = 1e3, -1e3
-    k2[[0, 1, 4, 5]], v2[[0, 1, 4, 5]] = np.nan, np.nan
+    k2[LAYER, 2, :, 11:], v2[LAYER, 2, :, 11:] = 1e3, -1e3
+    k2[LAYER, [0, 1, 4, 5]], v2[LAYER, [0, 1, 4, 5]] = np.nan, np.nan
+    k2[[0, 2]], v2[[0, 2]] = np.nan, np.nan
     got2, _ = both(q, k2, v2, [10, 20], row_start=2, kv_length=32)
     np.testing.assert_array_equal(got2[0], got[0])
 
 
 def lowered(length: int, use_kernel: bool = True) -> str:
     q = jax.ShapeDtypeStruct((2, length, 9, 64), jnp.float32)
-    cache = jax.ShapeDtypeStruct((SLOTS, 3, LENGTH, 64), jnp.float32)
+    cache = jax.ShapeDtypeStruct((LAYERS, SLOTS, 3, LENGTH, 64), jnp.float32)
     positions = jax.ShapeDtypeStruct((2, length), jnp.int32)
-    run = jax.jit(attend, static_argnums=(5, 6))
-    return run.lower(q, cache, cache, positions, jnp.int32(0), 32, use_kernel).as_text()
+    run = jax.jit(attend, static_argnums=(6, 7))
+    args = (q, cache, cache, positions, jnp.int32(0), jnp.int32(LAYER), 32, use_kernel)
+    return run.lower(*args).as_text()
 
 
 def test_decode_uses_the_kernel_and_prefill_the_reference():

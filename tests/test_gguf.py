@@ -7,6 +7,7 @@ from gguf import GGMLQuantizationType, GGUFWriter, quants
 
 from foresight_lab.models.config import ModelConfig, UnsupportedModelError
 from foresight_lab.models.decoder import Decoder, empty_cache, rope_frequencies
+from foresight_lab.models.quantized import QuantizedMatrix
 from foresight_lab.weights.gguf import NotAModelError, read_gguf
 from foresight_lab.weights.name_maps import NAME_MAPS, undo_gguf_rope_permutation
 from tests.tiny import VOCAB_SIZE, tiny_hf_model
@@ -22,7 +23,8 @@ def llama_cpp_permutation(rows: np.ndarray, num_heads: int) -> np.ndarray:
     )
 
 
-def write_gguf(path, hf_model, family: str, qtype=GGMLQuantizationType.F32) -> None:
+def write_gguf(path, hf_model, family: str, qtype=GGMLQuantizationType.F32, layer_qtypes=None):
+    """A GGUF of hf_model; 2-D tensors in qtype, or in layer_qtypes[i] for layer i's."""
     config = ModelConfig.from_hf(hf_model.config)
     state = {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
     writer = GGUFWriter(str(path), family)
@@ -51,9 +53,10 @@ def write_gguf(path, hf_model, family: str, qtype=GGMLQuantizationType.F32) -> N
             if family == "llama" and entry.rope_rows:
                 heads = config.num_heads if entry.rope_rows == "q" else config.num_kv_heads
                 value = llama_cpp_permutation(value, heads)
-            if value.ndim == 2 and qtype != GGMLQuantizationType.F32:
+            kind = (layer_qtypes or {}).get(i, qtype)
+            if value.ndim == 2 and kind != GGMLQuantizationType.F32:
                 writer.add_tensor(
-                    entry.gguf.format(i=i), quants.quantize(value, qtype), raw_dtype=qtype
+                    entry.gguf.format(i=i), quants.quantize(value, kind), raw_dtype=kind
                 )
             else:
                 writer.add_tensor(entry.gguf.format(i=i), value)
@@ -95,6 +98,31 @@ def test_quantized_gguf_reads_back_close_to_the_float_model(tmp_path, qtype):
         expected = hf_model(torch.tensor(tokens)).logits.numpy()
     error = np.abs(logits_of(config, params, tokens) - expected).max()
     assert error < {GGMLQuantizationType.Q8_0: 0.05}.get(qtype, 0.5) * np.abs(expected).max()
+
+
+def test_layers_in_different_block_kinds_are_stacked_as_float32(tmp_path):
+    # Layer parameters are stacked over layers (models.decoder), which needs one block
+    # kind for all of them; a file that mixes kinds gets float32 for that tensor.
+    hf_model = tiny_hf_model("llama", rope_parameters=None)
+    mixed = {0: GGMLQuantizationType.Q8_0}
+    write_gguf(tmp_path / "m.gguf", hf_model, "llama", GGMLQuantizationType.Q4_1, mixed)
+    config, params, _ = read_gguf(tmp_path / "m.gguf")
+    _, float_params, _ = read_gguf(tmp_path / "m.gguf", quantized=False)
+    q_proj = params["layers"]["attn"]["q_proj"]["kernel"]
+    assert isinstance(q_proj, np.ndarray) and q_proj.dtype == np.float32
+    assert q_proj.shape == (
+        config.num_layers,
+        config.hidden_size,
+        config.num_heads * config.head_dim,
+    )
+    np.testing.assert_array_equal(q_proj, float_params["layers"]["attn"]["q_proj"]["kernel"])
+    assert isinstance(params["embed"]["embedding"], QuantizedMatrix)  # not a layer's
+    # The same logits, but for the LM head (the tied embedding), which stays in Q4_1
+    # blocks and runs the CPU kernel: it rounds x to int16, about 2e-5 of the scale.
+    tokens = np.random.RandomState(0).randint(0, VOCAB_SIZE, (1, 10))
+    expected = logits_of(config, float_params, tokens)
+    error = np.abs(logits_of(config, params, tokens) - expected).max()
+    assert error <= 1e-3 * np.abs(expected).max()
 
 
 def test_rope_permutation_is_undone_exactly():

@@ -63,6 +63,21 @@ def test_the_cpu_kernel_agrees_with_the_float32_reference(kind, rows, shape):
     assert np.abs(got - expected).max() <= KERNEL_TOLERANCE * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_a_stacked_matrix_is_read_at_the_layer_asked_for(kind, use_kernel):
+    layers = [random_matrix(kind, 40, 64, seed=layer) for layer in range(3)]
+    stacked = quantized.stack([w for w, _ in layers])
+    assert stacked.shape == (40, 64) and stacked.values.shape[0] == 3
+    x = np.random.default_rng(5).standard_normal((2, 64)).astype(np.float32)
+    run = jax.jit(quantized.matmul, static_argnums=2)
+    for layer, (w, dense) in enumerate(layers):
+        got = np.asarray(run(x, stacked, use_kernel, jnp.int32(layer)))
+        alone = np.asarray(run(x, w, use_kernel))
+        np.testing.assert_array_equal(got, alone)  # the same sums, only read elsewhere
+        assert np.abs(got - x @ dense.T).max() <= KERNEL_TOLERANCE * np.abs(got).max()
+
+
 def lowered_text(x_shape, w: QuantizedMatrix, use_kernel=True) -> str:
     x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
     return jax.jit(quantized.matmul, static_argnums=2).lower(x, w, use_kernel).as_text()

@@ -157,8 +157,10 @@ def test_weights_stay_in_their_gguf_blocks_in_memory(smollm2_lab, smollm2_path, 
         leaves = jax.tree.leaves(lab.engine._scheduler.params)
         return sum(leaf.nbytes for leaf in leaves)
 
-    q_proj = smollm2_lab.model.params["layers_0"]["attn"]["q_proj"]["kernel"]
+    q_proj = smollm2_lab.model.params["layers"]["attn"]["q_proj"]["kernel"]
     assert isinstance(q_proj, QuantizedMatrix) and q_proj.kind == "q4_1"
+    # Stacked over the layers: [L, N, K/2].
+    assert q_proj.values.shape == (smollm2_lab.model.config.num_layers, 576, 288)
     assert isinstance(smollm2_lab.model.params["embed"]["embedding"], QuantizedMatrix)
     file_size = smollm2_path.stat().st_size
     # Q4_1 blocks split into arrays keep their 20 bytes a block; the file also holds

@@ -1,7 +1,7 @@
 """The KV cache's size and the shape buckets every compiled function is built for.
 
 The cache is preallocated once: `max_slots` rows by `max_cache_length` positions,
-one (k, v) pair per layer. Calls read only a bucketed prefix of it, so a short
+keys and values for every layer. Calls read only a bucketed prefix of it, so a short
 conversation does not pay for the longest one, and the set of shapes (so of
 compilations) stays small and known.
 """
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from foresight_lab.models.config import ModelConfig
-from foresight_lab.models.decoder import LayerCache, empty_cache
+from foresight_lab.models.decoder import Cache, empty_cache
 
 
 def _powers_of_two(low: int, high: int) -> tuple[int, ...]:
@@ -99,5 +99,5 @@ def check_budget(
         )
 
 
-def allocate(model: ModelConfig, config: EngineConfig, dtype=jnp.float32) -> tuple[LayerCache, ...]:
+def allocate(model: ModelConfig, config: EngineConfig, dtype=jnp.float32) -> Cache:
     return empty_cache(model, config.max_slots, config.max_cache_length, dtype)

@@ -111,7 +111,7 @@ class Scheduler:
             self._cache_sharding = NamedSharding(
                 mesh, cache_spec(model_config, config.max_slots, mesh)
             )
-            slots_axis = self._cache_sharding.spec[0]
+            slots_axis = self._cache_sharding.spec[1]
             self._counts_sharding = NamedSharding(mesh, P(slots_axis, None))
             self._tokens_sharding = NamedSharding(mesh, P(slots_axis))
         self._allocate_state()

@@ -10,7 +10,9 @@ A dimension that the axis does not divide evenly stays whole (replicated).
     gate/up kernel     [hidden, mlp]       columns over "model"
     down kernel        [mlp, hidden]       rows over "model"
     (a quantized kernel is stored [out, in]: the same split on the other axis)
-    cache k, v         [slots, Hkv, S, D]  slots over "data", kv heads over "model"
+    cache k, v         [L, slots, Hkv, S, D]  slots over "data", kv heads over "model"
+
+Layer parameters are stacked, [L, ...] (models.decoder); their layer axis stays whole.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def param_specs(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
 
     def spec(path, leaf) -> P:
         names = [getattr(key, "key", getattr(key, "name", str(key))) for key in path]
+        split = matrix_spec(names, leaf)
+        return P(None, *split) if names[0] == "layers" and split else split
+
+    def matrix_spec(names, leaf) -> P:
         if len(names) >= 3 and names[-2] == "kernel":  # a QuantizedMatrix's array
             layer, kind, flip = names[-3], "kernel", True
         else:
@@ -63,7 +69,7 @@ def param_specs(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
             return P()
         if flip:  # [out, in]; blocks of 32 along "in" must divide over the axis too
             split = P(*reversed(split))
-            if split[1] is not None and leaf.shape[1] % mesh.shape[MODEL]:
+            if split[1] is not None and leaf.shape[-1] % mesh.shape[MODEL]:
                 return P()
         return split
 
@@ -71,7 +77,7 @@ def param_specs(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
 
 
 def cache_spec(config: ModelConfig, slots: int, mesh: Mesh) -> P:
-    return P(_split(slots, mesh, DATA), _split(config.num_kv_heads, mesh, MODEL), None, None)
+    return P(None, _split(slots, mesh, DATA), _split(config.num_kv_heads, mesh, MODEL), None, None)
 
 
 def shard_params(params: dict, config: ModelConfig, mesh: Mesh) -> dict:

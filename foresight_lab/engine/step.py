@@ -25,9 +25,7 @@ from foresight_lab.engine.sampler import (
 )
 from foresight_lab.models import cpu_kernels
 from foresight_lab.models.config import ModelConfig
-from foresight_lab.models.decoder import Decoder, LayerCache, empty_cache
-
-Cache = tuple[LayerCache, ...]
+from foresight_lab.models.decoder import Cache, Decoder, cache_length, empty_cache
 
 # A decode row's input token that is the one its slot sampled in the previous step,
 # still on the device (the scheduler has not read it back yet).
@@ -182,7 +180,7 @@ class Steps:
         sampled = sample(logits[:, 0], sampling, keys, counts[:rows])
         # Only rows with a sequence count and remember their token: an idle row's slot
         # may belong to a sequence that skips this step, or to no one.
-        real = positions < cache[0][0].shape[2]
+        real = positions < cache_length(cache)
         counts = counts.at[jnp.arange(rows), sampled.tokens].add(real.astype(counts.dtype))
         last_tokens = last_tokens.at[:rows].set(jnp.where(real, sampled.tokens, last_tokens[:rows]))
         if self._counts_sharding is not None:
@@ -194,9 +192,9 @@ class Steps:
 def _copy_row(cache: Cache, source: jax.Array, target: jax.Array) -> Cache:
     """Copies one slot's keys and values to another (n choices share a prompt)."""
 
-    def copy(array):
-        row = jax.lax.dynamic_slice_in_dim(array, source, 1)
-        return jax.lax.dynamic_update_slice_in_dim(array, row, target, 0)
+    def copy(array):  # Float['L slots Hkv S D']
+        row = jax.lax.dynamic_slice_in_dim(array, source, 1, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(array, row, target, axis=1)
 
     return jax.tree.map(copy, cache)
 

@@ -167,23 +167,28 @@ void OneHead(const Head& h, int64_t d, float* scores) {
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                            ffi::Buffer<ffi::F32> k_cache, ffi::Buffer<ffi::F32> v_cache,
                            ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> row_start,
-                           int64_t kv_length, ffi::ResultBuffer<ffi::F32> out) {
+                           ffi::Buffer<ffi::S32> layer, int64_t kv_length,
+                           ffi::ResultBuffer<ffi::F32> out) {
   const auto q_dims = q.dimensions();
   const auto cache_dims = k_cache.dimensions();
-  if (q_dims.size() != 4 || cache_dims.size() != 4) {
-    return ffi::Error::InvalidArgument("q must be [B, Hkv, G, D] and the cache [slots, Hkv, S, D]");
+  if (q_dims.size() != 4 || cache_dims.size() != 5) {
+    return ffi::Error::InvalidArgument(
+        "q must be [B, Hkv, G, D] and the cache [L, slots, Hkv, S, D]");
   }
   const int64_t batch = q_dims[0], kv_heads = q_dims[1], groups = q_dims[2], d = q_dims[3];
-  const int64_t slots = cache_dims[0], length = cache_dims[2];
-  if (cache_dims[1] != kv_heads || cache_dims[3] != d || batch > slots ||
+  const int64_t layers = cache_dims[0], slots = cache_dims[1], length = cache_dims[3];
+  if (cache_dims[2] != kv_heads || cache_dims[4] != d || batch > slots ||
       positions.element_count() != static_cast<size_t>(batch)) {
     return ffi::Error::InvalidArgument("q, cache and positions disagree in shape");
   }
   const int64_t first_row = std::clamp<int64_t>(row_start.typed_data()[0], 0, slots - batch);
   const int64_t readable = std::clamp<int64_t>(kv_length, 1, length);
+  // This layer's rows: the cache is stacked over layers and read in place.
+  const int64_t layer_offset =
+      std::clamp<int64_t>(layer.typed_data()[0], 0, layers - 1) * slots * kv_heads * length * d;
   const float* q_data = q.typed_data();
-  const float* k_data = k_cache.typed_data();
-  const float* v_data = v_cache.typed_data();
+  const float* k_data = k_cache.typed_data() + layer_offset;
+  const float* v_data = v_cache.typed_data() + layer_offset;
   const int32_t* position = positions.typed_data();
   float* out_data = out->typed_data();
   ParallelFor(pool, batch * kv_heads, 1, [=](int64_t begin, int64_t end) {
@@ -215,6 +220,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("kv_length")

@@ -267,28 +267,45 @@ ffi::Error Matmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, int64_t
   return ffi::Error::Success();
 }
 
+// Values are [N, ...] or stacked over layers, [L, N, ...]: then `layer` picks one.
+// Returns the offset, in matrices, of that layer (0 when not stacked).
+template <typename Dims>
+int64_t LayerOffset(const Dims& dims, const ffi::Buffer<ffi::S32>& layer) {
+  if (dims.size() != 3) return 0;
+  return std::clamp<int64_t>(layer.typed_data()[0], 0, dims[0] - 1);
+}
+
 ffi::Error Q41Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> nibbles,
                      ffi::Buffer<ffi::F16> scales, ffi::Buffer<ffi::F16> mins,
-                     ffi::ResultBuffer<ffi::F32> y) {
+                     ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
   const auto dims = nibbles.dimensions();
-  const int64_t n = dims[0];
-  const int64_t half_k = dims[1];
+  if (dims.size() != 2 && dims.size() != 3) {
+    return ffi::Error::InvalidArgument("q4_1 values must be [N, K/2] or [L, N, K/2]");
+  }
+  const int64_t n = dims[dims.size() - 2];
+  const int64_t half_k = dims[dims.size() - 1];
   const int64_t blocks = half_k * 2 / kBlock;
-  const uint8_t* q = nibbles.typed_data();
-  const uint16_t* d = scales.typed_data();
-  const uint16_t* mn = mins.typed_data();
+  const int64_t matrix = LayerOffset(dims, layer) * n;
+  const uint8_t* q = nibbles.typed_data() + matrix * half_k;
+  const uint16_t* d = scales.typed_data() + matrix * blocks;
+  const uint16_t* mn = mins.typed_data() + matrix * blocks;
   return Matmul(
       pool, x, n,
       [=](int64_t r) { return Q41Row{q + r * half_k, d + r * blocks, mn + r * blocks}; }, y);
 }
 
 ffi::Error Q80Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> values,
-                     ffi::Buffer<ffi::F16> scales, ffi::ResultBuffer<ffi::F32> y) {
+                     ffi::Buffer<ffi::F16> scales, ffi::Buffer<ffi::S32> layer,
+                     ffi::ResultBuffer<ffi::F32> y) {
   const auto dims = values.dimensions();
-  const int64_t n = dims[0];
-  const int64_t k = dims[1];
-  const int8_t* q = values.typed_data();
-  const uint16_t* d = scales.typed_data();
+  if (dims.size() != 2 && dims.size() != 3) {
+    return ffi::Error::InvalidArgument("q8_0 values must be [N, K] or [L, N, K]");
+  }
+  const int64_t n = dims[dims.size() - 2];
+  const int64_t k = dims[dims.size() - 1];
+  const int64_t matrix = LayerOffset(dims, layer) * n;
+  const int8_t* q = values.typed_data() + matrix * k;
+  const uint16_t* d = scales.typed_data() + matrix * (k / kBlock);
   return Matmul(
       pool, x, n, [=](int64_t r) { return Q80Row{q + r * k, d + r * (k / kBlock)}; }, y);
 }
@@ -302,6 +319,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlQ41Matmul, Q41Matmul,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlQ80Matmul, Q80Matmul,
@@ -310,4 +328,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FlQ80Matmul, Q80Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

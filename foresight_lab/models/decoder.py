@@ -1,10 +1,10 @@
 """One Flax decoder for the Llama family: Llama, SmolLM2, Mistral, Qwen2 and Qwen3.
 
 The forward pass is pure: parameters are a plain pytree, the KV cache goes in and
-comes out as a tuple of per-layer `(k, v)` arrays. The same call serves prefill
-(many tokens of one row) and decode (one token of many rows):
+comes out as a pair of `(k, v)` arrays. The same call serves prefill (many tokens of
+one row) and decode (one token of many rows):
 
-    cache k, v: Float['slots Hkv S D']   (S = cache length; slot position = token position)
+    cache k, v: Float['L slots Hkv S D']   (S = cache length; slot position = token position)
 
         slot  0  1  2  3  4  5  6 ...
     row r0   [a][b][c][d][ ][ ][ ]     tokens of a row are written at their positions;
@@ -14,6 +14,12 @@ comes out as a tuple of per-layer `(k, v)` arrays. The same call serves prefill
 `row_start` picks which rows of the cache this call's batch occupies, `kv_length`
 (static) how many slots attention reads; positions at or beyond the cache length are
 padding: their writes are dropped.
+
+The layers run as one loop (`nn.scan`), so a compiled function holds one layer's code
+rather than L copies of it. Every layer parameter is stacked, [L, ...] under
+`params["layers"]`, and the cache too; each layer reads its slice at its index
+(`layer`, traced). The slice is never copied out for the CPU kernels: they take the
+stacked array and the index, and the cache is written in place at [layer, row, :, pos].
 """
 
 from __future__ import annotations
@@ -28,7 +34,24 @@ import jax.numpy as jnp
 from foresight_lab.models import cpu_kernels, quantized
 from foresight_lab.models.config import ModelConfig, RopeScaling
 
-LayerCache = tuple[jax.Array, jax.Array]  # (k, v), each Float['slots Hkv S D']
+Cache = tuple[jax.Array, jax.Array]  # (k, v), each Float['L slots Hkv S D']
+
+
+def cache_length(cache: Cache) -> int:
+    """S: positions per row; a position at or beyond it is padding (an idle row)."""
+    return cache[0].shape[3]
+
+
+def at_layer(stacked: jax.Array, layer: jax.Array | None) -> jax.Array:
+    """One layer's slice of a stacked [L, ...] array (`layer` None: not stacked)."""
+    if layer is None:
+        return stacked
+    return jax.lax.dynamic_index_in_dim(stacked, layer, keepdims=False)
+
+
+def _param(module: nn.Module, name: str, init, shape: tuple[int, ...], layers: int):
+    """A float32 parameter, stacked [layers, *shape] when layers > 0."""
+    return module.param(name, init, (layers, *shape) if layers else shape, jnp.float32)
 
 
 def _quantized_param(module: nn.Module, name: str) -> quantized.QuantizedMatrix | None:
@@ -42,23 +65,25 @@ def _quantized_param(module: nn.Module, name: str) -> quantized.QuantizedMatrix 
 
 class Linear(nn.Module):
     """`x @ kernel (+ bias)`: kernel stored as Float[in, out], or quantized as [out, in]
-    (see models.quantized); `cpu_kernel` allows the compiled CPU kernel for the latter."""
+    (see models.quantized); `cpu_kernel` allows the compiled CPU kernel for the latter.
+    With `layers` > 0 the parameters are stacked over layers and called with `layer`."""
 
     features: int
     use_bias: bool = False
     cpu_kernel: bool = True
+    layers: int = 0
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
         if (blocks := _quantized_param(self, "kernel")) is not None:
-            y = quantized.matmul(x, blocks, self.cpu_kernel).astype(x.dtype)
+            y = quantized.matmul(x, blocks, self.cpu_kernel, layer).astype(x.dtype)
         else:
-            kernel = self.param(
-                "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), jnp.float32
-            )
-            y = jnp.dot(x, kernel.astype(x.dtype))
+            shape = (x.shape[-1], self.features)
+            kernel = _param(self, "kernel", nn.initializers.normal(0.02), shape, self.layers)
+            y = jnp.dot(x, at_layer(kernel, layer).astype(x.dtype))
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            bias = _param(self, "bias", nn.initializers.zeros, (self.features,), self.layers)
+            y = y + at_layer(bias, layer)
         return y
 
 
@@ -92,10 +117,12 @@ class Embed(nn.Module):
 
 class RMSNorm(nn.Module):
     eps: float
+    layers: int = 0  # > 0: the scale is stacked over layers and called with `layer`
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    def __call__(self, x: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), self.layers)
+        scale = at_layer(scale, layer)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (scale * x32).astype(x.dtype)
@@ -147,47 +174,52 @@ class Attention(nn.Module):
         self,
         x: jax.Array,  # Float['B T H']
         positions: jax.Array,  # Int['B T']
-        layer_cache: LayerCache,
+        cache: Cache,
         row_start: jax.Array,  # Int[]
+        layer: jax.Array,  # Int[]
         kv_length: int,
-    ) -> tuple[jax.Array, LayerCache]:
+    ) -> tuple[jax.Array, Cache]:
         c = self.config
         batch, length, _ = x.shape
-        q = Linear(c.num_heads * c.head_dim, c.attention_bias, self.cpu_kernel, name="q_proj")(x)
-        k = Linear(c.num_kv_heads * c.head_dim, c.attention_bias, self.cpu_kernel, name="k_proj")(x)
-        v = Linear(c.num_kv_heads * c.head_dim, c.attention_bias, self.cpu_kernel, name="v_proj")(x)
-        q = q.reshape(batch, length, c.num_heads, c.head_dim)
-        k = k.reshape(batch, length, c.num_kv_heads, c.head_dim)
-        v = v.reshape(batch, length, c.num_kv_heads, c.head_dim)
+
+        def project(name: str, heads: int, bias: bool = False) -> jax.Array:
+            linear = Linear(heads * c.head_dim, bias, self.cpu_kernel, c.num_layers, name=name)
+            return linear(x, layer).reshape(batch, length, heads, c.head_dim)
+
+        q = project("q_proj", c.num_heads, c.attention_bias)
+        k = project("k_proj", c.num_kv_heads, c.attention_bias)
+        v = project("v_proj", c.num_kv_heads, c.attention_bias)
         if c.qk_norm:
-            q = RMSNorm(c.rms_norm_eps, name="q_norm")(q)
-            k = RMSNorm(c.rms_norm_eps, name="k_norm")(k)
+            q = RMSNorm(c.rms_norm_eps, c.num_layers, name="q_norm")(q, layer)
+            k = RMSNorm(c.rms_norm_eps, c.num_layers, name="k_norm")(k, layer)
         inv_freq = rope_frequencies(c.head_dim, c.rope_theta, c.rope_scaling, c.rope_freq_factors)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
 
-        k_cache, v_cache = layer_cache
+        k_cache, v_cache = cache
         rows = row_start + jnp.arange(batch)[:, None]  # [B 1], broadcast against positions
-        # Indices on axes 0 and 2 around a slice: the update is laid out [B T Hkv D].
-        k_cache = k_cache.at[rows, :, positions].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[rows, :, positions].set(v.astype(v_cache.dtype), mode="drop")
-        out = attend(q, k_cache, v_cache, positions, row_start, kv_length, self.cpu_kernel)
-        return Linear(c.hidden_size, cpu_kernel=self.cpu_kernel, name="o_proj")(out), (
-            k_cache,
-            v_cache,
+        # Indices on axes 0, 1 and 3 around a slice: the update is laid out [B T Hkv D].
+        k_cache = k_cache.at[layer, rows, :, positions].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[layer, rows, :, positions].set(v.astype(v_cache.dtype), mode="drop")
+        out = attend(q, k_cache, v_cache, positions, row_start, layer, kv_length, self.cpu_kernel)
+        o_proj = Linear(
+            c.hidden_size, cpu_kernel=self.cpu_kernel, layers=c.num_layers, name="o_proj"
         )
+        return o_proj(out, layer), (k_cache, v_cache)
 
 
 def attend(
     q: jax.Array,  # Float['B T Hq D'], rotated
-    k_cache: jax.Array,  # Float['slots Hkv S D'], this call's keys already written
-    v_cache: jax.Array,  # Float['slots Hkv S D']
+    k_cache: jax.Array,  # Float['L slots Hkv S D'], this call's keys already written
+    v_cache: jax.Array,  # Float['L slots Hkv S D']
     positions: jax.Array,  # Int['B T']
     row_start: jax.Array,  # Int[]
+    layer: jax.Array,  # Int[]
     kv_length: int,
     use_kernel: bool = True,
 ) -> jax.Array:
-    """Causal attention of q over the cache rows row_start.., Float['B T Hq*D'].
+    """Causal attention of q over layer `layer`'s cache rows row_start..,
+    Float['B T Hq*D'].
 
     A query at position p sees cache positions 0..p (and at most kv_length of them).
     One token a row (decode) on the CPU runs the compiled kernel
@@ -195,14 +227,14 @@ def attend(
     otherwise, and as its reference, the pure-JAX path below.
     """
     batch, length, heads, head_dim = q.shape
-    kv_heads = k_cache.shape[1]
+    kv_heads = k_cache.shape[2]
     groups = heads // kv_heads
     # Grouped-query attention: each kv head serves `groups` query heads, whose queries
     # are stacked as rows g * T + t, so both products are plain batched matmuls over
     # (B, Hkv) on the cache's own layout.
     q = q.reshape(batch, length, kv_heads, groups, head_dim)
     q = q.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * length, head_dim)
-    args = (q, k_cache, v_cache, positions, row_start)
+    args = (q, k_cache, v_cache, positions, row_start, jnp.asarray(layer, jnp.int32))
     reference = functools.partial(_reference_attention, kv_length=kv_length)
     if (
         use_kernel
@@ -218,14 +250,14 @@ def attend(
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads * head_dim)
 
 
-def _reference_attention(q, k_cache, v_cache, positions, row_start, kv_length):
+def _reference_attention(q, k_cache, v_cache, positions, row_start, layer, kv_length):
     """Float['B Hkv G*T D'] from the window of kv_length positions of rows row_start.."""
     batch, kv_heads, rows, head_dim = q.shape
     groups = rows // positions.shape[1]
-    window = (batch, kv_heads, kv_length, head_dim)
-    start = (row_start, 0, 0, 0)
-    keys = jax.lax.dynamic_slice(k_cache, start, window)  # [B Hkv S D]
-    values = jax.lax.dynamic_slice(v_cache, start, window)
+    window = (1, batch, kv_heads, kv_length, head_dim)
+    start = (layer, row_start, 0, 0, 0)
+    keys = jax.lax.dynamic_slice(k_cache, start, window)[0]  # [B Hkv S D]
+    values = jax.lax.dynamic_slice(v_cache, start, window)[0]
     scores = jnp.einsum("bkqd,bksd->bkqs", q, keys.astype(q.dtype))
     scores = scores.astype(jnp.float32) / math.sqrt(head_dim)
     visible = jnp.arange(kv_length)[None, None, :] <= positions[:, :, None]  # [B T S]
@@ -235,7 +267,7 @@ def _reference_attention(q, k_cache, v_cache, positions, row_start, kv_length):
     return jnp.einsum("bkqs,bksd->bkqd", weights, values.astype(q.dtype))
 
 
-def _kernel_attention(q, k_cache, v_cache, positions, row_start, kv_length):
+def _kernel_attention(q, k_cache, v_cache, positions, row_start, layer, kv_length):
     """The CPU kernel for one token a row: q Float['B Hkv G D'] -> the same shape."""
     call = jax.ffi.ffi_call(
         cpu_kernels.DECODE_ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32)
@@ -246,6 +278,7 @@ def _kernel_attention(q, k_cache, v_cache, positions, row_start, kv_length):
         v_cache,
         positions[:, 0].astype(jnp.int32),
         jnp.asarray(row_start, jnp.int32),
+        layer,
         kv_length=kv_length,
     )
 
@@ -255,34 +288,40 @@ class MLP(nn.Module):
     cpu_kernel: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, layer: jax.Array) -> jax.Array:
         c = self.config
-        gate = Linear(c.intermediate_size, cpu_kernel=self.cpu_kernel, name="gate_proj")(x)
-        up = Linear(c.intermediate_size, cpu_kernel=self.cpu_kernel, name="up_proj")(x)
-        return Linear(c.hidden_size, cpu_kernel=self.cpu_kernel, name="down_proj")(
-            jax.nn.silu(gate) * up
-        )
+
+        def linear(name: str, features: int, x: jax.Array) -> jax.Array:
+            return Linear(features, cpu_kernel=self.cpu_kernel, layers=c.num_layers, name=name)(
+                x, layer
+            )
+
+        gate = linear("gate_proj", c.intermediate_size, x)
+        up = linear("up_proj", c.intermediate_size, x)
+        return linear("down_proj", c.hidden_size, jax.nn.silu(gate) * up)
 
 
 class Block(nn.Module):
+    """One layer, the body of the decoder's loop: (x, cache), layer -> (x, cache)."""
+
     config: ModelConfig
-    cpu_kernel: bool = True
+    cpu_kernel: bool
+    kv_length: int
 
     @nn.compact
-    def __call__(self, x, positions, layer_cache, row_start, kv_length):
+    def __call__(self, carry, layer, positions, row_start):
+        x, cache = carry
         c = self.config
-        h, layer_cache = Attention(c, self.cpu_kernel, name="attn")(
-            RMSNorm(c.rms_norm_eps, name="input_norm")(x),
-            positions,
-            layer_cache,
-            row_start,
-            kv_length,
+
+        def norm(name: str, x: jax.Array) -> jax.Array:
+            return RMSNorm(c.rms_norm_eps, c.num_layers, name=name)(x, layer)
+
+        h, cache = Attention(c, self.cpu_kernel, name="attn")(
+            norm("input_norm", x), positions, cache, row_start, layer, self.kv_length
         )
         x = x + h
-        x = x + MLP(c, self.cpu_kernel, name="mlp")(
-            RMSNorm(c.rms_norm_eps, name="post_attention_norm")(x)
-        )
-        return x, layer_cache
+        x = x + MLP(c, self.cpu_kernel, name="mlp")(norm("post_attention_norm", x), layer)
+        return (x, cache), None
 
 
 class Decoder(nn.Module):
@@ -300,36 +339,39 @@ class Decoder(nn.Module):
         self,
         tokens: jax.Array,  # Int['B T']
         positions: jax.Array,  # Int['B T']
-        cache: tuple[LayerCache, ...],
+        cache: Cache,
         row_start: jax.Array | int = 0,
         kv_length: int | None = None,
         return_logits: bool = True,
-    ) -> tuple[jax.Array | None, tuple[LayerCache, ...]]:
+    ) -> tuple[jax.Array | None, Cache]:
         c = self.config
-        kv_length = kv_length or cache[0][0].shape[2]
+        kv_length = kv_length or cache_length(cache)
         embed = Embed(c.vocab_size, c.hidden_size, self.cpu_kernel, name="embed")
         x = embed(tokens).astype(jnp.float32)
-        new_cache = []
-        for i in range(c.num_layers):
-            x, layer_cache = Block(c, self.cpu_kernel, name=f"layers_{i}")(
-                x, positions, cache[i], jnp.asarray(row_start, jnp.int32), kv_length
-            )
-            new_cache.append(layer_cache)
+        layers = nn.scan(
+            Block,
+            variable_broadcast="params",  # stacked, read at each layer's index
+            split_rngs={"params": False},
+            in_axes=(0, nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+        )(c, self.cpu_kernel, kv_length, name="layers")
+        (x, cache), _ = layers(
+            (x, cache),
+            jnp.arange(c.num_layers, dtype=jnp.int32),
+            positions,
+            jnp.asarray(row_start, jnp.int32),
+        )
         if not return_logits:
-            return None, tuple(new_cache)
+            return None, cache
         x = RMSNorm(c.rms_norm_eps, name="final_norm")(x)
         if c.tie_word_embeddings:
             logits = embed.attend(x)
         else:
             logits = Linear(c.vocab_size, cpu_kernel=self.cpu_kernel, name="lm_head")(x)
-        return logits.astype(jnp.float32), tuple(new_cache)
+        return logits.astype(jnp.float32), cache
 
 
-def empty_cache(
-    config: ModelConfig, slots: int, length: int, dtype=jnp.float32
-) -> tuple[LayerCache, ...]:
-    """A zeroed cache of `slots` rows by `length` positions, one (k, v) pair per layer."""
-    shape = (slots, config.num_kv_heads, length, config.head_dim)
-    return tuple(
-        (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)
-    )
+def empty_cache(config: ModelConfig, slots: int, length: int, dtype=jnp.float32) -> Cache:
+    """A zeroed cache of `slots` rows by `length` positions for every layer: (k, v)."""
+    shape = (config.num_layers, slots, config.num_kv_heads, length, config.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)

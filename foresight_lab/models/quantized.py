@@ -8,6 +8,9 @@ cut into blocks of 32 weights along K, as llama.cpp stores them:
     q8_0   values Int8['N K']                                w = d * q
            scales Float16['N K/32']
 
+A layer's matrices are stacked over the decoder's layers, each array with a leading
+axis [L, ...]; `matmul(x, w, layer=i)` reads layer i's in place.
+
 `matmul(x, w)` is `x @ W.T`. It has two paths, which agree to about 2e-5 of the
 output's scale:
 
@@ -51,7 +54,8 @@ class QuantizedMatrix:
 
     @property
     def shape(self) -> tuple[int, int]:
-        rows, blocks = self.scales.shape
+        """(N, K) of one matrix (of each layer's, when stacked)."""
+        *_, rows, blocks = self.scales.shape
         return rows, blocks * BLOCK
 
     @property
@@ -59,9 +63,27 @@ class QuantizedMatrix:
         return sum(a.nbytes for a in (self.values, self.scales, self.mins) if a is not None)
 
     def map_rows(self, fn) -> QuantizedMatrix:
-        """The same matrix with fn applied to each array along its first axis (rows)."""
+        """The same matrix with fn applied to each array along its first axis (rows;
+        layers, when stacked)."""
         mins = None if self.mins is None else fn(self.mins)
         return QuantizedMatrix(fn(self.values), fn(self.scales), mins, self.kind)
+
+    def arrays(self) -> tuple:
+        return (
+            (self.values, self.scales)
+            if self.mins is None
+            else (self.values, self.scales, self.mins)
+        )
+
+
+def stack(matrices: list[QuantizedMatrix]) -> QuantizedMatrix:
+    """Matrices of one kind and shape stacked over a new leading axis (layers)."""
+    kinds = {m.kind for m in matrices}
+    if len(kinds) != 1:
+        raise ValueError(f"cannot stack matrices of different kinds {sorted(kinds)}")
+    fields = zip(*(m.arrays() for m in matrices), strict=True)
+    values, scales, *mins = (np.stack([np.asarray(a) for a in f]) for f in fields)
+    return QuantizedMatrix(values, scales, mins[0] if mins else None, matrices[0].kind)
 
 
 def from_gguf_blocks(blocks: np.ndarray, kind: str, shape: tuple[int, int]) -> QuantizedMatrix:
@@ -105,8 +127,11 @@ def take_rows(w: QuantizedMatrix, ids: jax.Array) -> jax.Array:
     return dequantize(picked).reshape(*ids.shape, w.shape[1])
 
 
-def matmul(x: jax.Array, w: QuantizedMatrix, use_kernel: bool = True) -> jax.Array:
-    """x @ W.T for x: Float[..., K] -> Float32[..., N].
+def matmul(
+    x: jax.Array, w: QuantizedMatrix, use_kernel: bool = True, layer: jax.Array | None = None
+) -> jax.Array:
+    """x @ W.T for x: Float[..., K] -> Float32[..., N]; W is layer `layer` of a stacked
+    w, or w itself when layer is None.
 
     use_kernel allows the CPU kernel where it is built and x has few rows; the
     backend is chosen when the function is lowered, so the same jitted code runs on
@@ -114,21 +139,25 @@ def matmul(x: jax.Array, w: QuantizedMatrix, use_kernel: bool = True) -> jax.Arr
     """
     rows, columns = w.shape
     flat = x.reshape(-1, columns).astype(jnp.float32)
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
+    stacked = w.scales.ndim == 3
 
-    def reference(flat, w):
+    def reference(flat, w, layer):
+        if stacked:
+            w = w.map_rows(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False))
         return jnp.dot(flat, dequantize(w).T)
 
     if use_kernel and flat.shape[0] <= KERNEL_MAX_ROWS and cpu_kernels.available():
-        out = jax.lax.platform_dependent(flat, w, cpu=_kernel_matmul, default=reference)
+        out = jax.lax.platform_dependent(flat, w, layer, cpu=_kernel_matmul, default=reference)
     else:
-        out = reference(flat, w)
+        out = reference(flat, w, layer)
     return out.reshape(*x.shape[:-1], rows)
 
 
-def _kernel_matmul(flat: jax.Array, w: QuantizedMatrix) -> jax.Array:
+def _kernel_matmul(flat: jax.Array, w: QuantizedMatrix, layer: jax.Array) -> jax.Array:
+    """The kernel reads layer `layer` of stacked arrays in place (ignored unstacked)."""
     result = jax.ShapeDtypeStruct((flat.shape[0], w.shape[0]), jnp.float32)
-    arrays = (w.values, w.scales) if w.mins is None else (w.values, w.scales, w.mins)
-    return jax.ffi.ffi_call(_TARGETS[w.kind], result)(flat, *arrays)
+    return jax.ffi.ffi_call(_TARGETS[w.kind], result)(flat, *w.arrays(), layer)
 
 
 _TARGETS = {"q4_1": cpu_kernels.Q4_1_MATMUL, "q8_0": cpu_kernels.Q8_0_MATMUL}

@@ -1,8 +1,9 @@
 """Declarative maps from checkpoint tensor names to the decoder's parameter pytree.
 
-One map per family. Each entry names a parameter path in the pytree (`/`-separated,
-`{i}` for the layer index), the tensor that fills it in a Hugging Face checkpoint and
-in a GGUF file, and how its layout differs from ours.
+One map per family. Each entry names a parameter path in the pytree (`/`-separated),
+the tensor that fills it in a Hugging Face checkpoint and in a GGUF file (`{i}` for
+the layer index), and how its layout differs from ours. A path under `layers/` holds
+every layer's tensor stacked, [L, ...], in layer order.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from foresight_lab.models import quantized
 from foresight_lab.models.config import ModelConfig
 from foresight_lab.models.quantized import QuantizedMatrix
 
@@ -31,18 +33,18 @@ LLAMA_FAMILY: tuple[TensorName, ...] = (
     TensorName("final_norm/scale", "model.norm.weight", "output_norm.weight"),
     TensorName("lm_head/kernel", "lm_head.weight", "output.weight", linear=True, when="untied"),
     TensorName(
-        "layers_{i}/input_norm/scale",
+        "layers/input_norm/scale",
         "model.layers.{i}.input_layernorm.weight",
         "blk.{i}.attn_norm.weight",
     ),
     TensorName(
-        "layers_{i}/post_attention_norm/scale",
+        "layers/post_attention_norm/scale",
         "model.layers.{i}.post_attention_layernorm.weight",
         "blk.{i}.ffn_norm.weight",
     ),
     *(
         TensorName(
-            f"layers_{{i}}/attn/{p}_proj/kernel",
+            f"layers/attn/{p}_proj/kernel",
             f"model.layers.{{i}}.self_attn.{p}_proj.weight",
             f"blk.{{i}}.attn_{g}.weight",
             linear=True,
@@ -52,7 +54,7 @@ LLAMA_FAMILY: tuple[TensorName, ...] = (
     ),
     *(
         TensorName(
-            f"layers_{{i}}/attn/{p}_proj/bias",
+            f"layers/attn/{p}_proj/bias",
             f"model.layers.{{i}}.self_attn.{p}_proj.bias",
             f"blk.{{i}}.attn_{p}.bias",
             when="attention_bias",
@@ -61,7 +63,7 @@ LLAMA_FAMILY: tuple[TensorName, ...] = (
     ),
     *(
         TensorName(
-            f"layers_{{i}}/attn/{p}_norm/scale",
+            f"layers/attn/{p}_norm/scale",
             f"model.layers.{{i}}.self_attn.{p}_norm.weight",
             f"blk.{{i}}.attn_{p}_norm.weight",
             when="qk_norm",
@@ -70,7 +72,7 @@ LLAMA_FAMILY: tuple[TensorName, ...] = (
     ),
     *(
         TensorName(
-            f"layers_{{i}}/mlp/{p}_proj/kernel",
+            f"layers/mlp/{p}_proj/kernel",
             f"model.layers.{{i}}.mlp.{p}_proj.weight",
             f"blk.{{i}}.ffn_{p}.weight",
             linear=True,
@@ -123,27 +125,53 @@ def build_params(
     for entry in NAME_MAPS[config.family]:
         if not _wanted(entry, config):
             continue
-        layers = range(config.num_layers) if "{i}" in entry.path else [None]
-        for i in layers:
-            name = getattr(entry, source).format(i=i)
-            tensor = get_tensor(name)
-            if gguf_rope_permuted and entry.rope_rows:
-                heads = config.num_heads if entry.rope_rows == "q" else config.num_kv_heads
-                permute = lambda rows, heads=heads: np.ascontiguousarray(
-                    undo_gguf_rope_permutation(rows, heads)
-                )
-                if isinstance(tensor, QuantizedMatrix):
-                    tensor = tensor.map_rows(permute)
-                else:
-                    tensor = permute(tensor)
-            if not isinstance(tensor, QuantizedMatrix):
-                tensor = np.asarray(tensor, dtype=np.float32)
-                tensor = np.ascontiguousarray(tensor.T if entry.linear else tensor)
-            node = params
-            *parents, leaf = entry.path.format(i=i).split("/")
-            for key in parents:
-                node = node.setdefault(key, {})
-            node[leaf] = tensor
+        name = getattr(entry, source)
+        stacked = "{i}" in name
+        names = [name.format(i=i) for i in range(config.num_layers)] if stacked else [name]
+        tensors = []
+        for name in names:
+            tensors.append(_our_layout(entry, get_tensor(name), config, gguf_rope_permuted))
             if on_tensor is not None:
                 on_tensor(name)
+        node = params
+        *parents, leaf = entry.path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = _stack(tensors, entry.linear) if stacked else tensors[0]
     return params
+
+
+def _our_layout(
+    entry: TensorName,
+    tensor: np.ndarray | QuantizedMatrix,
+    config: ModelConfig,
+    gguf_rope_permuted: bool,
+) -> np.ndarray | QuantizedMatrix:
+    if gguf_rope_permuted and entry.rope_rows:
+        heads = config.num_heads if entry.rope_rows == "q" else config.num_kv_heads
+        permute = lambda rows: np.ascontiguousarray(undo_gguf_rope_permutation(rows, heads))
+        tensor = (
+            tensor.map_rows(permute) if isinstance(tensor, QuantizedMatrix) else permute(tensor)
+        )
+    if isinstance(tensor, QuantizedMatrix):
+        return tensor
+    tensor = np.asarray(tensor, dtype=np.float32)
+    return np.ascontiguousarray(tensor.T if entry.linear else tensor)
+
+
+def _stack(
+    tensors: list[np.ndarray | QuantizedMatrix], linear: bool
+) -> np.ndarray | QuantizedMatrix:
+    """Every layer's tensor stacked, [L, ...]. Layers kept in one block kind stay in it;
+    a file that mixes kinds (or blocks and floats) across layers gets float32 for all."""
+    kinds = {t.kind if isinstance(t, QuantizedMatrix) else None for t in tensors}
+    if len(kinds) == 1 and None not in kinds:
+        return quantized.stack(tensors)
+
+    def as_float(t):
+        if not isinstance(t, QuantizedMatrix):
+            return t
+        values = np.asarray(quantized.dequantize(t))
+        return values.T if linear else values
+
+    return np.stack([as_float(t) for t in tensors])
