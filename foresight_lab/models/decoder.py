@@ -182,13 +182,14 @@ class Attention(nn.Module):
         c = self.config
         batch, length, _ = x.shape
 
-        def project(name: str, heads: int, bias: bool = False) -> jax.Array:
-            linear = Linear(heads * c.head_dim, bias, self.cpu_kernel, c.num_layers, name=name)
+        def project(name: str, heads: int) -> jax.Array:
+            features, bias = heads * c.head_dim, c.attention_bias
+            linear = Linear(features, bias, self.cpu_kernel, c.num_layers, name=name)
             return linear(x, layer).reshape(batch, length, heads, c.head_dim)
 
-        q = project("q_proj", c.num_heads, c.attention_bias)
-        k = project("k_proj", c.num_kv_heads, c.attention_bias)
-        v = project("v_proj", c.num_kv_heads, c.attention_bias)
+        q = project("q_proj", c.num_heads)
+        k = project("k_proj", c.num_kv_heads)
+        v = project("v_proj", c.num_kv_heads)
         if c.qk_norm:
             q = RMSNorm(c.rms_norm_eps, c.num_layers, name="q_norm")(q, layer)
             k = RMSNorm(c.rms_norm_eps, c.num_layers, name="k_norm")(k, layer)
