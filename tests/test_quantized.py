@@ -15,6 +15,7 @@ import pytest
 from gguf import GGMLQuantizationType, quants
 
 from foresight_lab.models import cpu_kernels, quantized
+from foresight_lab.models.decoder import layer_dot
 from foresight_lab.models.quantized import QuantizedMatrix, from_gguf_blocks
 
 KINDS = {"q4_1": GGMLQuantizationType.Q4_1, "q8_0": GGMLQuantizationType.Q8_0}
@@ -107,3 +108,34 @@ def test_a_nan_input_gives_nan_outputs_as_the_reference_does(kind):
     got = np.asarray(jax.jit(quantized.matmul)(x, w))
     assert np.isfinite(got[0]).all()
     assert np.isnan(got[1]).all()
+
+
+# Float32 weights stacked over layers (Hugging Face checkpoints, quantized=False): the
+# CPU kernel reads one layer's [in, out] slice in place instead of XLA copying it out.
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 32])
+@pytest.mark.parametrize("shape", [(576, 1536), (64, 40)])  # (in, out); 40: a partial strip
+def test_the_float_kernel_reads_the_layer_asked_for_as_the_reference_does(rows, shape):
+    rng = np.random.default_rng(rows)
+    kernel = rng.standard_normal((3, *shape)).astype(np.float32)
+    x = rng.standard_normal((rows, shape[0])).astype(np.float32)
+    run = jax.jit(layer_dot, static_argnums=3)
+    for layer in range(3):
+        got = np.asarray(run(x, kernel, jnp.int32(layer), True))
+        expected = x @ kernel[layer]
+        assert got.shape == (rows, shape[1])
+        assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_decode_sized_float_calls_use_the_kernel_and_prefill_sized_ones_the_reference():
+    kernel = jax.ShapeDtypeStruct((3, 64, 40), jnp.float32)
+
+    def text(rows, use_kernel=True):
+        x = jax.ShapeDtypeStruct((rows, 64), jnp.float32)
+        run = jax.jit(layer_dot, static_argnums=3)
+        return run.lower(x, kernel, jnp.int32(1), use_kernel).as_text()
+
+    assert cpu_kernels.F32_MATMUL in text(4)
+    assert cpu_kernels.F32_MATMUL not in text(quantized.KERNEL_MAX_ROWS + 1)
+    assert cpu_kernels.F32_MATMUL not in text(4, use_kernel=False)

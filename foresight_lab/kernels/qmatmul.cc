@@ -206,6 +206,46 @@ FL_AVX2 void FactoredRowsAvx2(const Row& row, int64_t k, const int16_t* x16, int
 
 #endif  // FL_X86
 
+// ---- float32 weights, stored [in, out] ----------------------------------------
+//
+// y[M, N] = x[M, K] . w[K, N], w one layer of a stacked [L, K, N]: the decoder's float
+// path (Hugging Face checkpoints, `quantized=False`), which would otherwise copy each
+// layer's slice out of the stack every step. Each task owns a strip of 32 columns and
+// keeps its sums in registers while it walks down the K rows.
+
+constexpr int64_t kStrip = 32;
+
+void StripScalar(const float* x, const float* w, int64_t m, int64_t k, int64_t n, int64_t c0,
+                 int64_t width, float* y) {
+  for (int64_t i = 0; i < m; ++i) {
+    float acc[kStrip] = {};
+    for (int64_t j = 0; j < k; ++j) {
+      const float xv = x[i * k + j];
+      const float* wj = w + j * n + c0;
+      for (int64_t c = 0; c < width; ++c) acc[c] += xv * wj[c];
+    }
+    for (int64_t c = 0; c < width; ++c) y[i * n + c0 + c] = acc[c];
+  }
+}
+
+#ifdef FL_X86
+FL_AVX2 void StripAvx2(const float* x, const float* w, int64_t m, int64_t k, int64_t n,
+                       int64_t c0, float* y) {
+  for (int64_t i = 0; i < m; ++i) {
+    __m256 acc[kStrip / 8];
+    for (auto& a : acc) a = _mm256_setzero_ps();
+    for (int64_t j = 0; j < k; ++j) {
+      const __m256 xv = _mm256_broadcast_ss(x + i * k + j);
+      const float* wj = w + j * n + c0;
+      for (int s = 0; s < kStrip / 8; ++s) {
+        acc[s] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wj + 8 * s), acc[s]);
+      }
+    }
+    for (int s = 0; s < kStrip / 8; ++s) _mm256_storeu_ps(y + i * n + c0 + 8 * s, acc[s]);
+  }
+}
+#endif
+
 // ---- the handlers ------------------------------------------------------------
 
 template <typename MakeRow>
@@ -310,7 +350,45 @@ ffi::Error Q80Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
       pool, x, n, [=](int64_t r) { return Q80Row{q + r * k, d + r * (k / kBlock)}; }, y);
 }
 
+ffi::Error F32Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                     ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+  const auto x_dims = x.dimensions();
+  const auto dims = w.dimensions();
+  if (x_dims.size() != 2 || (dims.size() != 2 && dims.size() != 3)) {
+    return ffi::Error::InvalidArgument("x must be [M, K] and w [K, N] or [L, K, N]");
+  }
+  const int64_t m = x_dims[0];
+  const int64_t k = dims[dims.size() - 2];
+  const int64_t n = dims[dims.size() - 1];
+  if (x_dims[1] != k) return ffi::Error::InvalidArgument("x and w disagree in K");
+  const float* x_data = x.typed_data();
+  const float* w_data = w.typed_data() + LayerOffset(dims, layer) * k * n;
+  float* y_data = y->typed_data();
+  ParallelFor(pool, (n + kStrip - 1) / kStrip, 1, [=](int64_t begin, int64_t end) {
+    for (int64_t strip = begin; strip < end; ++strip) {
+      const int64_t c0 = strip * kStrip;
+      const int64_t width = std::min(kStrip, n - c0);
+#ifdef FL_X86
+      if (HasAvx2() && width == kStrip) {
+        StripAvx2(x_data, w_data, m, k, n, c0, y_data);
+        continue;
+      }
+#endif
+      StripScalar(x_data, w_data, m, k, n, c0, width, y_data);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlF32Matmul, F32Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlQ41Matmul, Q41Matmul,
                               ffi::Ffi::Bind()

@@ -17,11 +17,13 @@ import jax
 # The XLA custom-call targets that the models call.
 Q4_1_MATMUL = "foresight_lab_q4_1_matmul"
 Q8_0_MATMUL = "foresight_lab_q8_0_matmul"
+F32_MATMUL = "foresight_lab_f32_matmul"
 DECODE_ATTENTION = "foresight_lab_decode_attention"
 # Target -> the handler symbol exported by the library.
 TARGETS = {
     Q4_1_MATMUL: "FlQ41Matmul",
     Q8_0_MATMUL: "FlQ80Matmul",
+    F32_MATMUL: "FlF32Matmul",
     DECODE_ATTENTION: "FlDecodeAttention",
 }
 _state: dict[str, bool] = {}

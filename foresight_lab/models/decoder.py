@@ -80,11 +80,46 @@ class Linear(nn.Module):
         else:
             shape = (x.shape[-1], self.features)
             kernel = _param(self, "kernel", nn.initializers.normal(0.02), shape, self.layers)
-            y = jnp.dot(x, at_layer(kernel, layer).astype(x.dtype))
+            y = layer_dot(x, kernel, layer, self.cpu_kernel)
         if self.use_bias:
             bias = _param(self, "bias", nn.initializers.zeros, (self.features,), self.layers)
             y = y + at_layer(bias, layer)
         return y
+
+
+def layer_dot(
+    x: jax.Array, kernel: jax.Array, layer: jax.Array | None, use_kernel: bool = True
+) -> jax.Array:
+    """x @ kernel[layer] for x: Float[..., in] and a float kernel stacked [L, in, out]
+    (or x @ kernel when layer is None).
+
+    XLA on the CPU copies a layer's slice out of the stack before a dot, every step; for
+    a few rows (decode) the CPU kernel (`kernels/qmatmul.cc`) reads it in place instead.
+    The pure-JAX path is the reference and serves every other backend and prefill.
+    """
+    if layer is None:
+        return jnp.dot(x, kernel.astype(x.dtype))
+    flat = x.reshape(-1, x.shape[-1])
+
+    def reference(flat, kernel, layer):
+        return jnp.dot(flat, at_layer(kernel, layer).astype(flat.dtype))
+
+    if (
+        use_kernel
+        and flat.shape[0] <= quantized.KERNEL_MAX_ROWS
+        and flat.dtype == kernel.dtype == jnp.float32
+        and cpu_kernels.available()
+    ):
+        args = (flat, kernel, jnp.asarray(layer, jnp.int32))
+        y = jax.lax.platform_dependent(*args, cpu=_kernel_layer_dot, default=reference)
+    else:
+        y = reference(flat, kernel, layer)
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def _kernel_layer_dot(flat: jax.Array, kernel: jax.Array, layer: jax.Array) -> jax.Array:
+    result = jax.ShapeDtypeStruct((flat.shape[0], kernel.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call(cpu_kernels.F32_MATMUL, result)(flat, kernel, layer)
 
 
 class Embed(nn.Module):
