@@ -377,3 +377,33 @@ def test_a_top_k_beyond_the_vocabulary_keeps_every_token(tiny_lab):
 def test_token_ids_outside_the_vocabulary_are_refused(tiny_lab):
     with pytest.raises(InvalidRequestError, match="token ids must be between 0 and 319"):
         tiny_lab.generate([5, 320], max_tokens=1)
+
+
+def test_a_decode_step_reads_the_stacked_layers_in_place(tiny_lab):
+    # The layers are one loop over stacked weights and cache, [L, ...]. XLA on the CPU
+    # copies a dynamic slice out of such a stack before using it, which for the weights
+    # costs a whole model's bytes a step; decode must read them through the kernels.
+    import re
+
+    import jax
+
+    scheduler = tiny_lab.engine._scheduler
+    rows, kv_length = 1, scheduler.decode_cache_buckets[-1]
+    weights = [a for a in jax.tree.leaves(scheduler.params["layers"]) if a.ndim == 3]
+    layers, slots, kv_heads, length, head_dim = scheduler.cache[0].shape
+    one_layer = {(1, *a.shape[1:]) for a in weights} | {(1, rows, kv_heads, kv_length, head_dim)}
+    lowered = scheduler.steps.decode.lower(
+        scheduler.params,
+        scheduler.cache,
+        scheduler.counts,
+        scheduler.last_tokens,
+        *scheduler._decode_inputs([], rows),
+        kv_length=kv_length,
+    )
+    hlo = lowered.compile().as_text()
+    sliced = {
+        tuple(int(n) for n in shape.split(","))
+        for shape in re.findall(r"= f32\[([\d,]+)\]\S* dynamic-slice\(", hlo)
+    }
+    assert weights and sliced  # the norms' scales are sliced, which is cheap
+    assert not sliced & one_layer

@@ -1,4 +1,5 @@
-// Matrix products with GGUF-quantized weights on the CPU, for XLA through jax.ffi.
+// Matrix products for decode on the CPU, for XLA through jax.ffi: GGUF-quantized weights,
+// and at the end of the file float32 weights stacked over layers.
 //
 //   y[M, N] = x[M, K] . W[N, K]^T      x, y float32; W kept in its GGUF blocks
 //
