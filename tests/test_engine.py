@@ -2,8 +2,10 @@
 
 import contextlib
 import dataclasses
+import re
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -383,10 +385,6 @@ def test_a_decode_step_reads_the_stacked_layers_in_place(tiny_lab):
     # The layers are one loop over stacked weights and cache, [L, ...]. XLA on the CPU
     # copies a dynamic slice out of such a stack before using it, which for the weights
     # costs a whole model's bytes a step; decode must read them through the kernels.
-    import re
-
-    import jax
-
     scheduler = tiny_lab.engine._scheduler
     rows, kv_length = 1, scheduler.decode_cache_buckets[-1]
     weights = [a for a in jax.tree.leaves(scheduler.params["layers"]) if a.ndim == 3]

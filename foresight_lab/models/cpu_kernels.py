@@ -36,6 +36,14 @@ def available() -> bool:
     return _state["available"]
 
 
+def call_or_reference(allowed: bool, kernel, reference, *args):
+    """kernel(*args) on the CPU where `allowed` and the kernels are built, else, and on
+    every other backend (chosen when the function is lowered), reference(*args)."""
+    if allowed and available():
+        return jax.lax.platform_dependent(*args, cpu=kernel, default=reference)
+    return reference(*args)
+
+
 def _register() -> bool:
     spec = importlib.util.find_spec("foresight_lab._kernels")
     if spec is None or spec.origin is None:

@@ -104,16 +104,13 @@ def layer_dot(
     def reference(flat, kernel, layer):
         return jnp.dot(flat, at_layer(kernel, layer).astype(flat.dtype))
 
-    if (
+    allowed = (
         use_kernel
         and flat.shape[0] <= quantized.KERNEL_MAX_ROWS
         and flat.dtype == kernel.dtype == jnp.float32
-        and cpu_kernels.available()
-    ):
-        args = (flat, kernel, jnp.asarray(layer, jnp.int32))
-        y = jax.lax.platform_dependent(*args, cpu=_kernel_layer_dot, default=reference)
-    else:
-        y = reference(flat, kernel, layer)
+    )
+    args = (flat, kernel, jnp.asarray(layer, jnp.int32))
+    y = cpu_kernels.call_or_reference(allowed, _kernel_layer_dot, reference, *args)
     return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
@@ -272,16 +269,11 @@ def attend(
     q = q.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * length, head_dim)
     args = (q, k_cache, v_cache, positions, row_start, jnp.asarray(layer, jnp.int32))
     reference = functools.partial(_reference_attention, kv_length=kv_length)
-    if (
-        use_kernel
-        and length == 1
-        and q.dtype == k_cache.dtype == v_cache.dtype == jnp.float32
-        and cpu_kernels.available()
-    ):
-        kernel = functools.partial(_kernel_attention, kv_length=kv_length)
-        out = jax.lax.platform_dependent(*args, cpu=kernel, default=reference)
-    else:
-        out = reference(*args)
+    kernel = functools.partial(_kernel_attention, kv_length=kv_length)
+    allowed = (
+        use_kernel and length == 1 and q.dtype == k_cache.dtype == v_cache.dtype == jnp.float32
+    )
+    out = cpu_kernels.call_or_reference(allowed, kernel, reference, *args)
     out = out.reshape(batch, kv_heads, groups, length, head_dim)
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads * head_dim)
 

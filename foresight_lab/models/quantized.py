@@ -147,10 +147,8 @@ def matmul(
             w = w.map_rows(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False))
         return jnp.dot(flat, dequantize(w).T)
 
-    if use_kernel and flat.shape[0] <= KERNEL_MAX_ROWS and cpu_kernels.available():
-        out = jax.lax.platform_dependent(flat, w, layer, cpu=_kernel_matmul, default=reference)
-    else:
-        out = reference(flat, w, layer)
+    allowed = use_kernel and flat.shape[0] <= KERNEL_MAX_ROWS
+    out = cpu_kernels.call_or_reference(allowed, _kernel_matmul, reference, flat, w, layer)
     return out.reshape(*x.shape[:-1], rows)
 
 
