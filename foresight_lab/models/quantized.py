@@ -111,13 +111,17 @@ def from_gguf_blocks(blocks: np.ndarray, kind: str, shape: tuple[int, int]) -> Q
 def dequantize(w: QuantizedMatrix) -> jax.Array:
     """W as Float32['N K'], equal to the GGUF reader's floats."""
     rows, columns = w.shape
-    d = w.scales.astype(jnp.float32)[..., None]  # [N K/32 1]
+    d = w.scales.astype(jnp.float32)[..., None, None]  # [N K/32 1 1]
     if w.kind == "q4_1":
-        packed = w.values.reshape(rows, columns // BLOCK, BLOCK // 2)
-        q = jnp.concatenate([packed & 0x0F, packed >> 4], axis=-1).astype(jnp.float32)
-        values = d * q + w.mins.astype(jnp.float32)[..., None]
+        # Weights 0-15 of a block are the low nibbles, 16-31 the high ones: one shift
+        # broadcast over a new axis of two. (A concatenate of the two halves made XLA on
+        # the CPU emit a fusion three times slower, a third of a short prefill's time.)
+        packed = w.values.reshape(rows, columns // BLOCK, 1, BLOCK // 2)
+        shifts = jnp.asarray([0, 4], jnp.uint8)[:, None]  # [2 1]
+        q = ((packed >> shifts) & 0x0F).astype(jnp.float32)  # [N K/32 2 16]
+        values = d * q + w.mins.astype(jnp.float32)[..., None, None]
     else:
-        values = w.values.reshape(rows, columns // BLOCK, BLOCK).astype(jnp.float32) * d
+        values = w.values.reshape(rows, columns // BLOCK, 1, BLOCK).astype(jnp.float32) * d
     return values.reshape(rows, columns)
 
 
