@@ -30,11 +30,13 @@ def random_case(batch, heads, kv_heads, head_dim, seed=0):
     return q, k, v
 
 
-def both(q, k, v, positions, row_start, kv_length):
+def both(q, k, v, positions, rows, kv_length):
+    """(kernel, reference) outputs; rows None: batch row b reads cache row b."""
     run = functools.partial(attend, kv_length=kv_length)
     run = jax.jit(run, static_argnames="use_kernel")
     positions = jnp.asarray(positions, jnp.int32)[:, None]
-    args = (q, k, v, positions, jnp.int32(row_start), jnp.int32(LAYER))
+    rows = None if rows is None else jnp.asarray(rows, jnp.int32)
+    args = (q, k, v, positions, rows, jnp.int32(LAYER))
     return np.asarray(run(*args, use_kernel=True)), np.asarray(run(*args, use_kernel=False))
 
 
@@ -48,7 +50,7 @@ def assert_close(got, expected):
 def test_the_kernel_agrees_with_the_reference(head_dim, heads, kv_heads):
     q, k, v = random_case(4, heads, kv_heads, head_dim, seed=head_dim + heads)
     # Short and long histories, position 0 (sees one entry), up to the last of kv_length.
-    got, expected = both(q, k, v, [0, 7, 31, 17], row_start=1, kv_length=32)
+    got, expected = both(q, k, v, [0, 7, 31, 17], rows=[1, 4, 2, 5], kv_length=32)
     assert_close(got, expected)
 
 
@@ -56,13 +58,13 @@ def test_rows_past_the_window_see_all_of_it_and_negative_ones_weigh_it_equally()
     q, k, v = random_case(3, 9, 3, 64, seed=1)
     # An idle row sits at or beyond the cache length; the reference then sees every
     # position of the window. A negative position masks all of them: equal weights.
-    got, expected = both(q, k, v, [LENGTH + 5, -1, 3], row_start=0, kv_length=16)
+    got, expected = both(q, k, v, [LENGTH + 5, -1, 3], rows=None, kv_length=16)
     assert_close(got, expected)
 
 
-def test_row_start_is_clamped_as_dynamic_slice_does():
+def test_rows_past_the_cache_are_clamped_as_the_gather_does():
     q, k, v = random_case(4, 9, 3, 64, seed=2)
-    got, expected = both(q, k, v, [5, 9, 12, 2], row_start=SLOTS - 1, kv_length=LENGTH)
+    got, expected = both(q, k, v, [5, 9, 12, 2], rows=[SLOTS + 2, 0, 3, 3], kv_length=LENGTH)
     assert_close(got, expected)
 
 
@@ -70,12 +72,12 @@ def test_a_row_reads_only_its_own_visible_positions():
     # Entries beyond a row's position (stale ones from an earlier occupant), other
     # rows' entries and other layers' must not change its output.
     q, k, v = random_case(2, 9, 3, 64, seed=3)
-    got, _ = both(q, k, v, [10, 20], row_start=2, kv_length=32)
+    got, _ = both(q, k, v, [10, 20], rows=[2, 3], kv_length=32)
     k2, v2 = k.copy(), v.copy()
     k2[LAYER, 2, :, 11:], v2[LAYER, 2, :, 11:] = 1e3, -1e3
     k2[LAYER, [0, 1, 4, 5]], v2[LAYER, [0, 1, 4, 5]] = np.nan, np.nan
     k2[[0, 2]], v2[[0, 2]] = np.nan, np.nan
-    got2, _ = both(q, k2, v2, [10, 20], row_start=2, kv_length=32)
+    got2, _ = both(q, k2, v2, [10, 20], rows=[2, 3], kv_length=32)
     np.testing.assert_array_equal(got2[0], got[0])
 
 
@@ -84,7 +86,7 @@ def lowered(length: int, use_kernel: bool = True) -> str:
     cache = jax.ShapeDtypeStruct((LAYERS, SLOTS, 3, LENGTH, 64), jnp.float32)
     positions = jax.ShapeDtypeStruct((2, length), jnp.int32)
     run = jax.jit(attend, static_argnums=(6, 7))
-    args = (q, cache, cache, positions, jnp.int32(0), jnp.int32(LAYER), 32, use_kernel)
+    args = (q, cache, cache, positions, None, jnp.int32(LAYER), 32, use_kernel)
     return run.lower(*args).as_text()
 
 

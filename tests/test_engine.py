@@ -1,6 +1,5 @@
 """The engine on a tiny random Llama: determinism, batching, stops, limits, compilations."""
 
-import contextlib
 import dataclasses
 import re
 import time
@@ -10,8 +9,9 @@ import numpy as np
 import pytest
 
 from foresight_lab import InvalidRequestError
-from foresight_lab.engine.kv_cache import EngineConfig
+from foresight_lab.engine.kv_cache import EngineConfig, allocate
 from foresight_lab.lab import Lab
+from tests.conftest import recording_calls, run_concurrently
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3]
 OTHER_PROMPTS = [[1, 2, 3], list(range(40, 100)), [300, 12, 8, 8, 9], list(range(100, 250))]
@@ -21,24 +21,6 @@ LONG_PROMPT = [(7 * i) % 300 + 3 for i in range(170)]  # three prefill chunks of
 @pytest.fixture(scope="module", autouse=True)
 def warm(tiny_lab):
     tiny_lab.warmup(progress=False)
-
-
-def run_concurrently(lab, requests):
-    """Submits every (prompt, options) at once so they share decode steps; returns results."""
-    handles = [lab.engine.submit(prompt, options) for prompt, options in requests]
-    return [h.result() for h in handles]
-
-
-@contextlib.contextmanager
-def counting_decode_steps(lab):
-    """Yields a list that gets one entry per decode step the lab's engine dispatches."""
-    steps = lab.engine._scheduler.steps
-    decode, calls = steps.decode, []
-    steps.decode = lambda *args, **kwargs: calls.append(1) or decode(*args, **kwargs)
-    try:
-        yield calls
-    finally:
-        steps.decode = decode
 
 
 def options(**kwargs):
@@ -81,6 +63,44 @@ def test_same_tokens_alone_and_batched_beside_other_requests(tiny_lab, sampling)
     assert batched[2].token_ids == alone.token_ids
 
 
+def test_short_prompts_that_arrive_together_share_prefill_calls_and_keep_their_tokens(tiny_lab):
+    prompts = [[9, 8, 7, 6, 5], [11, 12], [40, 41, 42, 43, 44, 45, 46, 47], [3, 1, 4, 1, 5, 9]]
+    requests = [(p, options(temperature=0.9, seed=i, max_tokens=10)) for i, p in enumerate(prompts)]
+    alone = [tiny_lab.engine.submit(*request).result().token_ids for request in requests]
+    with recording_calls(tiny_lab, "prefill") as calls:
+        together = run_concurrently(tiny_lab, requests)
+    assert [r.token_ids for r in together] == alone
+    # Each prompt fills a 16-token chunk; two such rows still run the matmuls as one
+    # alone does (the CPU kernel, at most 32 rows), so they pair up: two calls, not four.
+    tokens = [args[2] for args in calls]
+    assert [t.shape for t in tokens] == [(2, 16), (2, 16)]
+    slots = sorted(int(slot) for args in calls for slot in args[4])
+    assert slots == [0, 1, 2, 3]
+
+
+def test_a_prompt_prefilled_beside_another_writes_the_same_keys_and_values(tiny_lab):
+    scheduler = tiny_lab.engine._scheduler
+    steps, config = scheduler.steps, scheduler.config
+
+    def prefill(prompts, slots):
+        tokens = np.zeros((len(prompts), 16), np.int32)
+        positions = np.full((len(prompts), 16), config.max_cache_length, np.int32)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = prompt
+            positions[row, : len(prompt)] = np.arange(len(prompt))
+        cache = allocate(scheduler.model_config, config)
+        cache = steps.prefill(
+            scheduler.params, cache, tokens, positions, np.int32(slots), kv_length=64
+        )
+        return [np.asarray(part[:, slots[0]]) for part in cache]
+
+    alone = prefill([PROMPT], [3])
+    beside = prefill([PROMPT, OTHER_PROMPTS[2]], [3, 5])
+    for a, b in zip(alone, beside, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert np.abs(a).sum() > 0
+
+
 def test_each_choice_of_n_is_the_request_with_that_index(tiny_lab):
     many = tiny_lab.generate(PROMPT, temperature=1.0, max_tokens=12, seed=21, n=3)
     single = tiny_lab.generate(PROMPT, temperature=1.0, max_tokens=12, seed=21, n=1)
@@ -103,8 +123,8 @@ def test_decode_with_the_cpu_attention_kernel_needs_one_cache_bucket(tiny_lab):
     scheduler = tiny_lab.engine._scheduler
     assert scheduler.steps.decode_reads_cache_in_place
     decode = [shape for shape in scheduler.shapes() if shape[0] == "decode"]
-    assert {kv for _, _, kv in decode} == {scheduler.config.max_cache_length}
-    assert sorted(rows for _, rows, _ in decode) == list(scheduler.config.batch_buckets)
+    assert {kv for *_, kv in decode} == {scheduler.config.max_cache_length}
+    assert sorted(rows for _, rows, _, _ in decode) == list(scheduler.config.batch_buckets)
 
 
 def test_no_compilation_after_warmup_for_any_request_mix(tiny_lab):
@@ -163,7 +183,7 @@ def test_eos_ends_a_choice_with_finish_reason_stop(tiny_lab):
     penalized = dict(temperature=0, max_tokens=10, frequency_penalty=2.0, presence_penalty=1.0)
     try:
         fresh = lab.generate(OTHER_PROMPTS[0], **penalized)
-        with counting_decode_steps(lab) as calls:
+        with recording_calls(lab, "decode") as calls:
             out = lab.generate(PROMPT, temperature=0, max_tokens=10)
         steps_for_eos = len(calls)
         after = lab.generate(OTHER_PROMPTS[0], **penalized)
@@ -193,7 +213,7 @@ def test_warming_up_while_requests_run_leaves_their_tokens_alone(tiny_lab):
 
 
 def test_max_tokens_dispatches_no_step_past_the_last_token(tiny_lab):
-    with counting_decode_steps(tiny_lab) as calls:
+    with recording_calls(tiny_lab, "decode") as calls:
         out = tiny_lab.generate(PROMPT, temperature=0, max_tokens=7, ignore_eos=True)
     assert len(out.token_ids) == len(calls) == 7
 

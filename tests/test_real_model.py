@@ -8,6 +8,9 @@ import pytest
 import torch
 import transformers
 
+from foresight_lab.engine.request import SamplingOptions
+from tests.conftest import logprob_trace, recording_calls, run_concurrently
+
 pytestmark = pytest.mark.real_model
 
 PROMPTS = [
@@ -179,3 +182,17 @@ def test_greedy_output_of_quantized_weights_equals_the_float32_path(
     four = smollm2_lab.generate(prompt, max_tokens=32, temperature=0, ignore_eos=True, n=4)
     assert alone.token_ids == expected.token_ids
     assert [c.token_ids for c in four.choices] == [expected.token_ids] * 4
+
+
+def test_prompts_prefilled_together_give_the_tokens_each_gives_alone(smollm2_lab):
+    """Four prompts of 41 to 64 tokens arrive together: one prefill call of four rows of
+    64 tokens, on the quantized matmuls' reference path as each takes alone."""
+    words = " ".join(f"{PROMPTS[i % 3]} {i}" for i in range(30))
+    ids = smollm2_lab.tokenizer.encode(words)
+    prompts = [ids[: 41 + 7 * i] for i in range(4)]
+    greedy = SamplingOptions(max_tokens=12, temperature=0, ignore_eos=True, logprobs=True)
+    alone = [logprob_trace(smollm2_lab.engine.submit(p, greedy).result()) for p in prompts]
+    with recording_calls(smollm2_lab, "prefill") as calls:
+        together = run_concurrently(smollm2_lab, [(p, greedy) for p in prompts])
+    assert [args[2].shape for args in calls] == [(4, 64)]
+    assert [logprob_trace(r) for r in together] == alone  # to the bit

@@ -1,6 +1,7 @@
 """The scheduler: one thread that owns the KV cache and batches every live sequence.
 
-    submit() ─► waiting ─► admit: prefill prompt[:-1] into a free slot, copy it to
+    submit() ─► waiting ─► admit: prefill prompt[:-1] into a free slot (prompts that
+                            wait together share a call, a row each), copy it to
                             the slots of the other n choices
                         ─► dispatch a decode step over the occupied prefix of slots
                         ─► read the previous step back; per sequence: detokenize,
@@ -50,6 +51,7 @@ from foresight_lab.engine.sharding import cache_spec, shard_params
 from foresight_lab.engine.step import FROM_LAST_STEP, CompileCounter, Steps
 from foresight_lab.engine.text import CompletionText
 from foresight_lab.models.config import ModelConfig
+from foresight_lab.models.quantized import kernel_serves
 
 
 @dataclasses.dataclass
@@ -216,34 +218,49 @@ class Scheduler:
             plan.append((start, size, kv_length))
         return plan
 
-    def shapes(self) -> list[tuple[str, int, int]]:
-        """Every (function, rows or prompt chunk, attended cache length) that can run."""
+    def _can_share(self, rows: int, width: int, size: int) -> bool:
+        """Whether a prompt chunk padded to `size` tokens may be prefilled as one of `rows`
+        rows of `width` tokens: the call stays within a prompt chunk's tokens, and its
+        matmuls take the path the chunk would take alone (the CPU kernel or the dot),
+        so the chunk's keys and values, and the tokens that follow, are the same."""
+        tokens = rows * width
+        return tokens <= self.config.prefill_chunk and kernel_serves(tokens) == kernel_serves(size)
+
+    def shapes(self) -> list[tuple[str, int, int, int]]:
+        """Every (function, rows, tokens a row, attended cache length) that can run."""
         c = self.config
-        prefill = {
-            chunk[1:] for n in range(1, c.max_cache_length) for chunk in self._prefill_plan(n)
+        chunks = {chunk for n in range(1, c.max_cache_length) for chunk in self._prefill_plan(n)}
+        alone = {(1, size, kv) for _, size, kv in chunks}
+        shared = {
+            (rows, size, kv)
+            for start, size, kv in chunks
+            if start == 0
+            for rows in c.batch_buckets
+            if rows > 1 and self._can_share(rows, size, size)
         }
-        decode = {(b, kv) for b in c.batch_buckets for kv in self.decode_cache_buckets}
+        decode = {(b, 1, kv) for b in c.batch_buckets for kv in self.decode_cache_buckets}
         return [
-            *(("prefill", *shape) for shape in sorted(prefill)),
-            *(("prefill_logprobs", *shape) for shape in sorted(prefill)),
+            *(("prefill", *shape) for shape in sorted(alone | shared)),
+            *(("prefill_logprobs", *shape) for shape in sorted(alone)),
             *(("decode", *shape) for shape in sorted(decode)),
         ]
 
-    def compile_shape(self, kind: str, size: int, kv_length: int) -> None:
+    def compile_shape(self, kind: str, rows: int, size: int, kv_length: int) -> None:
         """Runs one shape on idle inputs so it is compiled; every write is dropped, so
         sequences running meanwhile are untouched."""
-        idle = np.full((1, size), self.config.max_cache_length, np.int32)
-        zeros = np.zeros((1, size), np.int32)
+        idle = np.full((rows, size), self.config.max_cache_length, np.int32)
+        zeros = np.zeros((rows, size), np.int32)
+        slots = np.zeros(rows, np.int32)
         with self._device, self.compiles:
             if kind == "prefill":
                 self.cache = self.steps.prefill(
-                    self.params, self.cache, zeros, idle, np.int32(0), kv_length=kv_length
+                    self.params, self.cache, zeros, idle, slots, kv_length=kv_length
                 )
                 self.cache = self.steps.copy_row(self.cache, np.int32(0), np.int32(0))
                 self.steps.clear_counts(self._zero_counts(), np.int32(0))
             elif kind == "prefill_logprobs":
                 self.cache, *_ = self.steps.prefill_with_logprobs(
-                    self.params, self.cache, zeros, idle, np.int32(0), zeros, kv_length=kv_length
+                    self.params, self.cache, zeros, idle, slots, zeros, kv_length=kv_length
                 )
             else:
                 sampled, self.cache, self.counts, self.last_tokens = self.steps.decode(
@@ -251,7 +268,7 @@ class Scheduler:
                     self.cache,
                     self.counts,
                     self.last_tokens,
-                    *self._decode_inputs([], size),
+                    *self._decode_inputs([], rows),
                     kv_length=kv_length,
                 )
                 jax.block_until_ready(sampled.tokens)
@@ -306,8 +323,9 @@ class Scheduler:
                 with self._device, self.compiles:
                     self._drop_cancelled()
                     self._admit()
-                    # One prompt chunk, then one decode step: a long prompt delays the
-                    # running streams by a chunk at a time, not by its whole prefill.
+                    # One prefill call (a chunk of tokens), then one decode step: a long
+                    # prompt delays the running streams by a chunk at a time, not by its
+                    # whole prefill.
                     if self._prefilling:
                         self._prefill_next_chunk()
                     previous, self._in_flight = self._in_flight, self._dispatch_decode()
@@ -342,32 +360,64 @@ class Scheduler:
             self._prefilling.append(_Prefill(handle, slots, chunks, logprobs))
 
     def _prefill_next_chunk(self) -> None:
-        """Writes the next chunk of the oldest prefilling prompt (all of it but its last
-        token) into its first slot; a finished prompt starts decoding."""
-        job = self._prefilling[0]
-        if job.chunks:
-            self._prefill_chunk(job, *job.chunks.popleft())
-        if not job.chunks:
-            self._prefilling.popleft()
+        """Runs the next chunk of the oldest prefilling prompt, with the prompts behind it
+        that can share the call; a prompt with no chunks left starts decoding."""
+        if self._prefilling[0].chunks:
+            self._prefill_chunk(self._sharing_call())
+        for job in [j for j in self._prefilling if not j.chunks]:
+            self._prefilling.remove(job)
             self._start_decoding(job)
 
-    def _prefill_chunk(self, job: _Prefill, start: int, size: int, kv_length: int) -> None:
-        prompt, slot = job.handle.prompt_ids, np.int32(job.slots[0])
-        chunk = prompt[:-1][start : start + size]
-        tokens = np.zeros((1, size), np.int32)
-        tokens[0, : len(chunk)] = chunk
-        positions = np.full((1, size), self.config.max_cache_length, np.int32)
-        positions[0, : len(chunk)] = np.arange(start, start + len(chunk))
-        if job.logprobs is None:
+    def _sharing_call(self) -> list[_Prefill]:
+        """The oldest prefilling prompt and, when it is a first chunk, the first chunks
+        behind it that may join it as rows of one call (`_can_share`, the same attended
+        length): a burst of short prompts is prefilled in a few calls, not one each."""
+        head, *others = self._prefilling
+        start, width, kv_length = head.chunks[0]
+        if start != 0 or head.logprobs is not None:
+            return [head]
+        jobs, sizes = [head], [width]
+        for job in others:
+            if not job.chunks or job.logprobs is not None:
+                continue
+            start, size, kv = job.chunks[0]
+            wider = max(width, size)
+            rows = bucket(len(jobs) + 1, self.config.batch_buckets)
+            fits = all(self._can_share(rows, wider, s) for s in (*sizes, size))
+            if start == 0 and kv == kv_length and fits:
+                jobs.append(job)
+                sizes.append(size)
+                width = wider
+        return jobs
+
+    def _prefill_chunk(self, jobs: list[_Prefill]) -> None:
+        """Writes the next chunk of each job's prompt (all of it but its last token) into
+        the job's first slot: one call, a row a job, padded to the widest chunk and to a
+        rows bucket (padding rows write nothing)."""
+        chunks = [job.chunks.popleft() for job in jobs]
+        width, kv_length = max(size for _, size, _ in chunks), chunks[0][2]
+        rows = bucket(len(jobs), self.config.batch_buckets)
+        tokens = np.zeros((rows, width), np.int32)
+        positions = np.full((rows, width), self.config.max_cache_length, np.int32)
+        slots = np.full(rows, jobs[0].slots[0], np.int32)
+        pieces = []
+        for row, (job, (start, size, _)) in enumerate(zip(jobs, chunks, strict=True)):
+            pieces.append(piece := job.handle.prompt_ids[:-1][start : start + size])
+            tokens[row, : len(piece)] = piece
+            positions[row, : len(piece)] = np.arange(start, start + len(piece))
+            slots[row] = job.slots[0]
+        if jobs[0].logprobs is None:
             self.cache = self.steps.prefill(
-                self.params, self.cache, tokens, positions, slot, kv_length=kv_length
+                self.params, self.cache, tokens, positions, slots, kv_length=kv_length
             )
             return
-        following = prompt[start + 1 : start + 1 + len(chunk)]
-        targets = np.zeros((1, size), np.int32)
+        # A prompt that wants its logprobs is prefilled alone (`_sharing_call`).
+        [job], [(start, _, _)], [piece] = jobs, chunks, pieces
+        following = job.handle.prompt_ids[start + 1 : start + 1 + len(piece)]
+        targets = np.zeros((1, width), np.int32)
         targets[0, : len(following)] = following
         self.cache, chosen, top_tokens, top_values = self.steps.prefill_with_logprobs(
-            self.params, self.cache, tokens, positions, slot, targets, kv_length=kv_length
+            self.params, self.cache, tokens, positions, slots, targets, kv_length=kv_length
         )
         chosen, top_tokens, top_values = map(np.asarray, (chosen, top_tokens, top_values))
         k = job.handle.options.prompt_logprobs

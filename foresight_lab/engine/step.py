@@ -109,13 +109,13 @@ class Steps:
         self,
         params,
         cache: Cache,
-        tokens: jax.Array,  # Int['1 P']
-        positions: jax.Array,  # Int['1 P'], padding at >= cache length
-        slot: jax.Array,  # Int[]
+        tokens: jax.Array,  # Int['R P'], a prompt chunk a row
+        positions: jax.Array,  # Int['R P'], padding at >= cache length
+        rows: jax.Array,  # Int['R'], the slot each row is written to
         kv_length: int,
     ) -> Cache:
         _, cache = self.model.apply(
-            {"params": params}, tokens, positions, cache, slot, kv_length, return_logits=False
+            {"params": params}, tokens, positions, cache, rows, kv_length, return_logits=False
         )
         return self._pin_cache(cache)
 
@@ -130,14 +130,14 @@ class Steps:
         cache: Cache,
         tokens: jax.Array,  # Int['1 P']
         positions: jax.Array,  # Int['1 P']
-        slot: jax.Array,  # Int[]
+        rows: jax.Array,  # Int['1'], the slot
         targets: jax.Array,  # Int['1 P'], the token that follows each one
         kv_length: int,
     ) -> tuple[Cache, jax.Array, jax.Array, jax.Array]:
         """Prefill that also returns each target's logprob, Float['1 P'], and the top
         alternatives, Int['1 P K'] and Float['1 P K'] (for echo with logprobs)."""
         logits, cache = self.model.apply(
-            {"params": params}, tokens, positions, cache, slot, kv_length
+            {"params": params}, tokens, positions, cache, rows, kv_length
         )
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         chosen = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
@@ -154,7 +154,7 @@ class Steps:
         """Logits after a prompt, Float['V'], on a scratch cache (the engine's is untouched)."""
         length = tokens.shape[1]
         scratch = empty_cache(self.model.config, 1, length)
-        logits, _ = self.model.apply({"params": params}, tokens, positions, scratch, 0, length)
+        logits, _ = self.model.apply({"params": params}, tokens, positions, scratch, None, length)
         return logits[0, last]
 
     def _decode(
@@ -173,7 +173,7 @@ class Steps:
         rows = tokens.shape[0]
         tokens = jnp.where(tokens == FROM_LAST_STEP, last_tokens[:rows], tokens)
         logits, cache = self.model.apply(
-            {"params": params}, tokens[:, None], positions[:, None], cache, 0, kv_length
+            {"params": params}, tokens[:, None], positions[:, None], cache, None, kv_length
         )
         # The key of a sampled token is folded with the position it will occupy.
         keys = row_keys(seeds, choices, positions + 1)

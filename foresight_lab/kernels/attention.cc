@@ -2,9 +2,10 @@
 // XLA through jax.ffi: the attention of a decode step.
 //
 //   q          float32[B, Hkv, G, D]      queries, grouped by the kv head they share
-//   k, v       float32[slots, Hkv, S, D]  the cache; batch row b is cache row row_start + b
+//   k, v       float32[L, slots, Hkv, S, D]  the cache, stacked over layers
 //   positions  int32[B]                   row b attends to cache positions 0..positions[b]
-//   row_start  int32[]
+//   rows       int32[B]                   batch row b reads cache row rows[b]
+//   layer      int32[]                    of this layer
 //   kv_length  attribute: at most this many cache positions are read
 //   out        float32[B, Hkv, G, D]      softmax(q . k / sqrt(D)) . v over those positions
 //
@@ -14,8 +15,8 @@
 // behind tens of microseconds of copying and dispatch, per layer. This kernel reads
 // only the positions each row can see, in place, one (row, kv head) per task.
 //
-// Edge cases follow the reference: row_start is clamped so the B rows fit, as
-// dynamic_slice does; a row at or beyond kv_length (an idle row) sees all kv_length
+// Edge cases follow the reference: a row index is clamped into the cache, as its
+// gather does; a row at or beyond kv_length (an idle row) sees all kv_length
 // positions; a row with a negative position sees none, which in the reference's masked
 // softmax means equal weights on all kv_length positions.
 
@@ -166,7 +167,7 @@ void OneHead(const Head& h, int64_t d, float* scores) {
 
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                            ffi::Buffer<ffi::F32> k_cache, ffi::Buffer<ffi::F32> v_cache,
-                           ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> row_start,
+                           ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> rows,
                            ffi::Buffer<ffi::S32> layer, int64_t kv_length,
                            ffi::ResultBuffer<ffi::F32> out) {
   const auto q_dims = q.dimensions();
@@ -177,11 +178,11 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   }
   const int64_t batch = q_dims[0], kv_heads = q_dims[1], groups = q_dims[2], d = q_dims[3];
   const int64_t layers = cache_dims[0], slots = cache_dims[1], length = cache_dims[3];
-  if (cache_dims[2] != kv_heads || cache_dims[4] != d || batch > slots ||
-      positions.element_count() != static_cast<size_t>(batch)) {
+  if (cache_dims[2] != kv_heads || cache_dims[4] != d ||
+      positions.element_count() != static_cast<size_t>(batch) ||
+      rows.element_count() != static_cast<size_t>(batch)) {
     return ffi::Error::InvalidArgument("q, cache and positions disagree in shape");
   }
-  const int64_t first_row = std::clamp<int64_t>(row_start.typed_data()[0], 0, slots - batch);
   const int64_t readable = std::clamp<int64_t>(kv_length, 1, length);
   // This layer's rows: the cache is stacked over layers and read in place.
   const int64_t layer_offset =
@@ -190,12 +191,14 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const float* k_data = k_cache.typed_data() + layer_offset;
   const float* v_data = v_cache.typed_data() + layer_offset;
   const int32_t* position = positions.typed_data();
+  const int32_t* row = rows.typed_data();
   float* out_data = out->typed_data();
   ParallelFor(pool, batch * kv_heads, 1, [=](int64_t begin, int64_t end) {
     thread_local std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kv_heads;
-      const int64_t cache_head = ((first_row + b) * kv_heads + task % kv_heads) * length * d;
+      const int64_t slot = std::clamp<int64_t>(row[b], 0, slots - 1);
+      const int64_t cache_head = (slot * kv_heads + task % kv_heads) * length * d;
       const int64_t seen = std::min<int64_t>(static_cast<int64_t>(position[b]) + 1, readable);
       const bool uniform = seen <= 0;
       Head head{q_data + task * groups * d,

@@ -11,9 +11,10 @@ one row) and decode (one token of many rows):
     row r0+1 [a][b][x][y][z][ ][ ]     a query at position p attends to slots 0..p only,
                                        so stale entries beyond p are never read.
 
-`row_start` picks which rows of the cache this call's batch occupies, `kv_length`
-(static) how many slots attention reads; positions at or beyond the cache length are
-padding: their writes are dropped.
+`rows` picks the cache row of each batch row (by default batch row b is cache row
+b, as in a decode step; a prefill of several prompts names each one's slot),
+`kv_length` (static) how many slots attention reads; positions at or beyond the cache
+length are padding: their writes are dropped.
 
 The layers run as one loop (`nn.scan`), so a compiled function holds one layer's code
 rather than L copies of it. Every layer parameter is stacked, [L, ...] under
@@ -106,7 +107,7 @@ def layer_dot(
 
     allowed = (
         use_kernel
-        and flat.shape[0] <= quantized.KERNEL_MAX_ROWS
+        and quantized.kernel_serves(flat.shape[0])
         and flat.dtype == kernel.dtype == jnp.float32
     )
     args = (flat, kernel, jnp.asarray(layer, jnp.int32))
@@ -207,7 +208,7 @@ class Attention(nn.Module):
         x: jax.Array,  # Float['B T H']
         positions: jax.Array,  # Int['B T']
         cache: Cache,
-        row_start: jax.Array,  # Int[]
+        rows: jax.Array | None,  # Int['B'], each batch row's cache row; None: 0..B-1
         layer: jax.Array,  # Int[]
         kv_length: int,
     ) -> tuple[jax.Array, Cache]:
@@ -230,11 +231,11 @@ class Attention(nn.Module):
         k = apply_rope(k, positions, inv_freq)
 
         k_cache, v_cache = cache
-        rows = row_start + jnp.arange(batch)[:, None]  # [B 1], broadcast against positions
+        written = (jnp.arange(batch) if rows is None else rows)[:, None]  # [B 1]
         # Indices on axes 0, 1 and 3 around a slice: the update is laid out [B T Hkv D].
-        k_cache = k_cache.at[layer, rows, :, positions].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[layer, rows, :, positions].set(v.astype(v_cache.dtype), mode="drop")
-        out = attend(q, k_cache, v_cache, positions, row_start, layer, kv_length, self.cpu_kernel)
+        k_cache = k_cache.at[layer, written, :, positions].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[layer, written, :, positions].set(v.astype(v_cache.dtype), mode="drop")
+        out = attend(q, k_cache, v_cache, positions, rows, layer, kv_length, self.cpu_kernel)
         o_proj = Linear(
             c.hidden_size, cpu_kernel=self.cpu_kernel, layers=c.num_layers, name="o_proj"
         )
@@ -246,13 +247,12 @@ def attend(
     k_cache: jax.Array,  # Float['L slots Hkv S D'], this call's keys already written
     v_cache: jax.Array,  # Float['L slots Hkv S D']
     positions: jax.Array,  # Int['B T']
-    row_start: jax.Array,  # Int[]
+    rows: jax.Array | None,  # Int['B'], the cache row of each batch row; None: 0..B-1
     layer: jax.Array,  # Int[]
     kv_length: int,
     use_kernel: bool = True,
 ) -> jax.Array:
-    """Causal attention of q over layer `layer`'s cache rows row_start..,
-    Float['B T Hq*D'].
+    """Causal attention of q over layer `layer`'s cache `rows`, Float['B T Hq*D'].
 
     A query at position p sees cache positions 0..p (and at most kv_length of them).
     One token a row (decode) on the CPU runs the compiled kernel
@@ -267,7 +267,7 @@ def attend(
     # (B, Hkv) on the cache's own layout.
     q = q.reshape(batch, length, kv_heads, groups, head_dim)
     q = q.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * length, head_dim)
-    args = (q, k_cache, v_cache, positions, row_start, jnp.asarray(layer, jnp.int32))
+    args = (q, k_cache, v_cache, positions, rows, jnp.asarray(layer, jnp.int32))
     reference = functools.partial(_reference_attention, kv_length=kv_length)
     kernel = functools.partial(_kernel_attention, kv_length=kv_length)
     allowed = (
@@ -278,14 +278,18 @@ def attend(
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads * head_dim)
 
 
-def _reference_attention(q, k_cache, v_cache, positions, row_start, layer, kv_length):
-    """Float['B Hkv G*T D'] from the window of kv_length positions of rows row_start.."""
-    batch, kv_heads, rows, head_dim = q.shape
-    groups = rows // positions.shape[1]
-    window = (1, batch, kv_heads, kv_length, head_dim)
-    start = (layer, row_start, 0, 0, 0)
-    keys = jax.lax.dynamic_slice(k_cache, start, window)[0]  # [B Hkv S D]
-    values = jax.lax.dynamic_slice(v_cache, start, window)[0]
+def _reference_attention(q, k_cache, v_cache, positions, rows, layer, kv_length):
+    """Float['B Hkv G*T D'] from the window of kv_length positions of the cache `rows`."""
+    batch, kv_heads, query_rows, head_dim = q.shape
+    groups = query_rows // positions.shape[1]
+
+    def window(cache):  # [B Hkv S D]
+        if rows is None:  # rows 0..B-1: one slice
+            size = (1, batch, kv_heads, kv_length, head_dim)
+            return jax.lax.dynamic_slice(cache, (layer, 0, 0, 0, 0), size)[0]
+        return cache.at[layer, rows, :, :kv_length].get(mode="clip")  # one gather
+
+    keys, values = window(k_cache), window(v_cache)
     scores = jnp.einsum("bkqd,bksd->bkqs", q, keys.astype(q.dtype))
     scores = scores.astype(jnp.float32) / math.sqrt(head_dim)
     visible = jnp.arange(kv_length)[None, None, :] <= positions[:, :, None]  # [B T S]
@@ -295,7 +299,7 @@ def _reference_attention(q, k_cache, v_cache, positions, row_start, layer, kv_le
     return jnp.einsum("bkqs,bksd->bkqd", weights, values.astype(q.dtype))
 
 
-def _kernel_attention(q, k_cache, v_cache, positions, row_start, layer, kv_length):
+def _kernel_attention(q, k_cache, v_cache, positions, rows, layer, kv_length):
     """The CPU kernel for one token a row: q Float['B Hkv G D'] -> the same shape."""
     call = jax.ffi.ffi_call(
         cpu_kernels.DECODE_ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32)
@@ -305,7 +309,7 @@ def _kernel_attention(q, k_cache, v_cache, positions, row_start, layer, kv_lengt
         k_cache,
         v_cache,
         positions[:, 0].astype(jnp.int32),
-        jnp.asarray(row_start, jnp.int32),
+        jnp.arange(q.shape[0], dtype=jnp.int32) if rows is None else rows,
         layer,
         kv_length=kv_length,
     )
@@ -337,7 +341,7 @@ class Block(nn.Module):
     kv_length: int
 
     @nn.compact
-    def __call__(self, carry, layer, positions, row_start):
+    def __call__(self, carry, layer, positions, rows):
         x, cache = carry
         c = self.config
 
@@ -345,7 +349,7 @@ class Block(nn.Module):
             return RMSNorm(c.rms_norm_eps, c.num_layers, name=name)(x, layer)
 
         h, cache = Attention(c, self.cpu_kernel, name="attn")(
-            norm("input_norm", x), positions, cache, row_start, layer, self.kv_length
+            norm("input_norm", x), positions, cache, rows, layer, self.kv_length
         )
         x = x + h
         x = x + MLP(c, self.cpu_kernel, name="mlp")(norm("post_attention_norm", x), layer)
@@ -368,7 +372,7 @@ class Decoder(nn.Module):
         tokens: jax.Array,  # Int['B T']
         positions: jax.Array,  # Int['B T']
         cache: Cache,
-        row_start: jax.Array | int = 0,
+        rows: jax.Array | None = None,  # Int['B'], each batch row's cache row
         kv_length: int | None = None,
         return_logits: bool = True,
     ) -> tuple[jax.Array | None, Cache]:
@@ -387,7 +391,7 @@ class Decoder(nn.Module):
             (x, cache),
             jnp.arange(c.num_layers, dtype=jnp.int32),
             positions,
-            jnp.asarray(row_start, jnp.int32),
+            None if rows is None else jnp.asarray(rows, jnp.int32),
         )
         if not return_logits:
             return None, cache

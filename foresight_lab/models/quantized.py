@@ -42,6 +42,12 @@ KINDS = ("q4_1", "q8_0")
 KERNEL_MAX_ROWS = 32
 
 
+def kernel_serves(rows: int) -> bool:
+    """Whether a matmul of `rows` rows of x may run the CPU kernel (it and the reference
+    round differently, so a row's result depends on which one runs)."""
+    return rows <= KERNEL_MAX_ROWS
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QuantizedMatrix:
@@ -151,7 +157,7 @@ def matmul(
             w = w.map_rows(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False))
         return jnp.dot(flat, dequantize(w).T)
 
-    allowed = use_kernel and flat.shape[0] <= KERNEL_MAX_ROWS
+    allowed = use_kernel and kernel_serves(flat.shape[0])
     out = cpu_kernels.call_or_reference(allowed, _kernel_matmul, reference, flat, w, layer)
     return out.reshape(*x.shape[:-1], rows)
 
