@@ -11,7 +11,7 @@ import pytest
 from foresight_lab import InvalidRequestError
 from foresight_lab.engine.kv_cache import EngineConfig, allocate
 from foresight_lab.lab import Lab
-from tests.conftest import recording_calls, run_concurrently
+from tests.conftest import logprob_trace, recording_calls, run_concurrently
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3]
 OTHER_PROMPTS = [[1, 2, 3], list(range(40, 100)), [300, 12, 8, 8, 9], list(range(100, 250))]
@@ -55,12 +55,14 @@ def test_different_seeds_give_different_tokens(tiny_lab):
     [dict(temperature=0), dict(temperature=0.9, top_p=0.9, top_k=50, min_p=0.02, seed=3)],
 )
 def test_same_tokens_alone_and_batched_beside_other_requests(tiny_lab, sampling):
-    alone = tiny_lab.engine.submit(PROMPT, options(**sampling)).result()
+    mine = options(**sampling, logprobs=True)
+    alone = tiny_lab.engine.submit(PROMPT, mine).result()
     others = [
         (p, options(temperature=1.0, seed=i, max_tokens=20)) for i, p in enumerate(OTHER_PROMPTS)
     ]
-    batched = run_concurrently(tiny_lab, [*others[:2], (PROMPT, options(**sampling)), *others[2:]])
-    assert batched[2].token_ids == alone.token_ids
+    batched = run_concurrently(tiny_lab, [*others[:2], (PROMPT, mine), *others[2:]])
+    # The logprobs too, to the bit: a row's logits do not depend on its batch.
+    assert logprob_trace(batched[2]) == logprob_trace(alone)
 
 
 def test_short_prompts_that_arrive_together_share_prefill_calls_and_keep_their_tokens(tiny_lab):

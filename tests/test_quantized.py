@@ -15,7 +15,7 @@ import pytest
 from gguf import GGMLQuantizationType, quants
 
 from foresight_lab.models import cpu_kernels, quantized
-from foresight_lab.models.decoder import layer_dot
+from foresight_lab.models.decoder import layer_dot, transposed_dot
 from foresight_lab.models.quantized import QuantizedMatrix, from_gguf_blocks
 
 KINDS = {"q4_1": GGMLQuantizationType.Q4_1, "q8_0": GGMLQuantizationType.Q8_0}
@@ -53,7 +53,7 @@ def test_the_cpu_kernels_were_built_and_registered():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 13, 16, 32])
 @pytest.mark.parametrize("shape", [(1536, 576), (200, 1536), (7, 64)])
 def test_the_cpu_kernel_agrees_with_the_float32_reference(kind, rows, shape):
     w, dense = random_matrix(kind, *shape, seed=rows)
@@ -139,3 +139,50 @@ def test_decode_sized_float_calls_use_the_kernel_and_prefill_sized_ones_the_refe
     assert cpu_kernels.F32_MATMUL in text(4)
     assert cpu_kernels.F32_MATMUL not in text(quantized.KERNEL_MAX_ROWS + 1)
     assert cpu_kernels.F32_MATMUL not in text(4, use_kernel=False)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 32])
+@pytest.mark.parametrize("shape", [(300, 576), (40, 64), (7, 13)])  # (out, in); 13: a tail
+def test_the_transposed_float_kernel_agrees_with_the_reference(rows, shape):
+    rng = np.random.default_rng(rows)
+    weights = rng.standard_normal(shape).astype(np.float32)  # a tied embedding, [out, in]
+    x = rng.standard_normal((rows, shape[1])).astype(np.float32)
+    got = np.asarray(jax.jit(transposed_dot)(x, weights))
+    expected = x @ weights.T
+    assert got.shape == (rows, shape[0])
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_a_row_gives_the_same_bits_alone_and_beside_other_rows():
+    # XLA's dot rounds one row (a matrix-vector product) unlike several; the kernels sum
+    # each row alone (the quantized one a group of rows at a time, each summed alone), so
+    # a decode row's logits do not depend on its batch.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((13, 576)).astype(np.float32)
+    stacked = rng.standard_normal((2, 576, 200)).astype(np.float32)
+    embedding = rng.standard_normal((300, 576)).astype(np.float32)
+    q4_1, _ = random_matrix("q4_1", 200, 576)
+    q8_0, _ = random_matrix("q8_0", 200, 576)
+    for run in (
+        jax.jit(lambda x: layer_dot(x, stacked, jnp.int32(1))),
+        jax.jit(lambda x: layer_dot(x, stacked[0], None)),
+        jax.jit(lambda x: transposed_dot(x, embedding)),
+        jax.jit(lambda x: quantized.matmul(x, q4_1)),
+        jax.jit(lambda x: quantized.matmul(x, q8_0)),
+    ):
+        together = np.asarray(run(x))
+        for row in (0, 8, 12):
+            np.testing.assert_array_equal(np.asarray(run(x[row : row + 1]))[0], together[row])
+
+
+def test_decode_sized_transposed_calls_use_the_kernel():
+    weights = jax.ShapeDtypeStruct((40, 64), jnp.float32)
+
+    def text(rows, use_kernel=True):
+        x = jax.ShapeDtypeStruct((rows, 64), jnp.float32)
+        run = jax.jit(transposed_dot, static_argnums=2)
+        return run.lower(x, weights, use_kernel).as_text()
+
+    assert cpu_kernels.F32_MATMUL_TRANSPOSED in text(4)
+    assert cpu_kernels.F32_MATMUL_TRANSPOSED not in text(quantized.KERNEL_MAX_ROWS + 1)
+    assert cpu_kernels.F32_MATMUL_TRANSPOSED not in text(4, use_kernel=False)

@@ -1,5 +1,5 @@
 // Matrix products for decode on the CPU, for XLA through jax.ffi: GGUF-quantized weights,
-// and at the end of the file float32 weights stacked over layers.
+// and at the end of the file float32 weights, stacked over layers or kept [out, in].
 //
 //   y[M, N] = x[M, K] . W[N, K]^T      x, y float32; W kept in its GGUF blocks
 //
@@ -108,17 +108,52 @@ void DequantizeScalar(const Q80Row& row, int64_t k, float* out) {
   }
 }
 
-// out[i] = sum_k w[k] * x[i][k] for `rows` rows of x (stride k).
-void DotScalar(const float* w, const float* x, int64_t rows, int64_t k, int64_t x_stride,
-               float* out, int64_t out_stride) {
-  for (int64_t i = 0; i < rows; ++i) {
-    float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t j = 0; j < k; j += 8) {
-      for (int l = 0; l < 8; ++l) partial[l] += w[j + l] * x[i * x_stride + j + l];
+// The dot product of two float32 vectors of length k, summed in a fixed order (eight
+// running sums, then the rest), so a row's result never depends on its neighbours.
+float RowDotScalar(const float* a, const float* b, int64_t k) {
+  float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) {
+    for (int l = 0; l < 8; ++l) partial[l] += a[j + l] * b[j + l];
+  }
+  float total = 0;
+  for (float p : partial) total += p;
+  for (; j < k; ++j) total += a[j] * b[j];
+  return total;
+}
+
+#ifdef FL_X86
+FL_AVX2 float RowDotAvx2(const float* a, const float* b, int64_t k) {
+  __m256 acc[4];
+  for (auto& v : acc) v = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= k; j += 32) {
+    for (int s = 0; s < 4; ++s) {
+      acc[s] = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8 * s), _mm256_loadu_ps(b + j + 8 * s),
+                               acc[s]);
     }
-    float total = 0;
-    for (float p : partial) total += p;
-    out[i * out_stride] = total;
+  }
+  for (; j + 8 <= k; j += 8) {
+    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc[0]);
+  }
+  float total =
+      HorizontalSum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  for (; j < k; ++j) total += a[j] * b[j];
+  return total;
+}
+#endif
+
+// out[i * out_stride] = w . x[i] for the m rows of x (each k long, contiguous).
+void DotRows(const float* w, const float* x, int64_t m, int64_t k, float* out,
+             int64_t out_stride) {
+  for (int64_t i = 0; i < m; ++i) {
+#ifdef FL_X86
+    if (HasAvx2()) {
+      out[i * out_stride] = RowDotAvx2(w, x + i * k, k);
+      continue;
+    }
+#endif
+    out[i * out_stride] = RowDotScalar(w, x + i * k, k);
   }
 }
 
@@ -302,7 +337,7 @@ ffi::Error Matmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, int64_t
       }
 #endif
       DequantizeScalar(make_row(r), k, row.data());
-      DotScalar(row.data(), x_data, m, k, k, y_data + r, n);
+      DotRows(row.data(), x_data, m, k, y_data + r, n);
     }
   });
   return ffi::Error::Success();
@@ -381,7 +416,36 @@ ffi::Error F32Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+// y[M, N] = x[M, K] . w[N, K]^T for float32 w kept [out, in]: a tied embedding read as
+// the output layer. Each output is one row dot product, in the same order however many
+// rows x has (XLA's dot takes a matrix-vector path for one row and rounds otherwise),
+// so a decode row's logits do not depend on the batch it runs in.
+ffi::Error F32MatmulTransposed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
+  const auto x_dims = x.dimensions();
+  const auto dims = w.dimensions();
+  if (x_dims.size() != 2 || dims.size() != 2 || x_dims[1] != dims[1]) {
+    return ffi::Error::InvalidArgument("x must be [M, K] and w [N, K]");
+  }
+  const int64_t m = x_dims[0], n = dims[0], k = dims[1];
+  const float* x_data = x.typed_data();
+  const float* w_data = w.typed_data();
+  float* y_data = y->typed_data();
+  const int64_t chunk = std::max<int64_t>(8, (1 << 16) / std::max<int64_t>(1, k));
+  ParallelFor(pool, n, chunk, [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) DotRows(w_data + r * k, x_data, m, k, y_data + r, n);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlF32MatmulTransposed, F32MatmulTransposed,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlF32Matmul, F32Matmul,
                               ffi::Ffi::Bind()

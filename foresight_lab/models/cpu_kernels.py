@@ -18,12 +18,14 @@ import jax
 Q4_1_MATMUL = "foresight_lab_q4_1_matmul"
 Q8_0_MATMUL = "foresight_lab_q8_0_matmul"
 F32_MATMUL = "foresight_lab_f32_matmul"
+F32_MATMUL_TRANSPOSED = "foresight_lab_f32_matmul_transposed"
 DECODE_ATTENTION = "foresight_lab_decode_attention"
 # Target -> the handler symbol exported by the library.
 TARGETS = {
     Q4_1_MATMUL: "FlQ41Matmul",
     Q8_0_MATMUL: "FlQ80Matmul",
     F32_MATMUL: "FlF32Matmul",
+    F32_MATMUL_TRANSPOSED: "FlF32MatmulTransposed",
     DECODE_ATTENTION: "FlDecodeAttention",
 }
 _state: dict[str, bool] = {}

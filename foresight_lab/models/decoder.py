@@ -92,32 +92,57 @@ def layer_dot(
     x: jax.Array, kernel: jax.Array, layer: jax.Array | None, use_kernel: bool = True
 ) -> jax.Array:
     """x @ kernel[layer] for x: Float[..., in] and a float kernel stacked [L, in, out]
-    (or x @ kernel when layer is None).
+    (or x @ kernel, kernel Float[in, out], when layer is None).
 
-    XLA on the CPU copies a layer's slice out of the stack before a dot, every step; for
-    a few rows (decode) the CPU kernel (`kernels/qmatmul.cc`) reads it in place instead.
-    The pure-JAX path is the reference and serves every other backend and prefill.
+    XLA on the CPU copies a layer's slice out of the stack before a dot, every step, and
+    takes a matrix-vector path for one row that rounds unlike its matrix path; for a few
+    rows (decode) the CPU kernel (`kernels/qmatmul.cc`) reads the layer in place and
+    sums each row alone. The pure-JAX path is the reference and serves every other
+    backend and prefill.
     """
-    if layer is None:
-        return jnp.dot(x, kernel.astype(x.dtype))
     flat = x.reshape(-1, x.shape[-1])
 
     def reference(flat, kernel, layer):
-        return jnp.dot(flat, at_layer(kernel, layer).astype(flat.dtype))
+        weights = kernel if kernel.ndim == 2 else at_layer(kernel, layer)
+        return jnp.dot(flat, weights.astype(flat.dtype))
 
-    allowed = (
+    args = (flat, kernel, jnp.asarray(0 if layer is None else layer, jnp.int32))
+    y = cpu_kernels.call_or_reference(
+        _float_kernel_serves(flat, kernel, use_kernel), _kernel_layer_dot, reference, *args
+    )
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def transposed_dot(x: jax.Array, weights: jax.Array, use_kernel: bool = True) -> jax.Array:
+    """x @ weights.T for x: Float[..., K] and float weights Float[N, K] (a tied
+    embedding as the output layer); a decode step's rows run the CPU kernel, for the
+    reason `layer_dot` gives."""
+    flat = x.reshape(-1, x.shape[-1])
+
+    def reference(flat, weights):
+        return jnp.dot(flat, weights.T.astype(flat.dtype))
+
+    allowed = _float_kernel_serves(flat, weights, use_kernel)
+    y = cpu_kernels.call_or_reference(allowed, _kernel_transposed_dot, reference, flat, weights)
+    return y.reshape(*x.shape[:-1], weights.shape[0])
+
+
+def _float_kernel_serves(flat: jax.Array, weights: jax.Array, use_kernel: bool) -> bool:
+    return (
         use_kernel
         and quantized.kernel_serves(flat.shape[0])
-        and flat.dtype == kernel.dtype == jnp.float32
+        and flat.dtype == weights.dtype == jnp.float32
     )
-    args = (flat, kernel, jnp.asarray(layer, jnp.int32))
-    y = cpu_kernels.call_or_reference(allowed, _kernel_layer_dot, reference, *args)
-    return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 def _kernel_layer_dot(flat: jax.Array, kernel: jax.Array, layer: jax.Array) -> jax.Array:
     result = jax.ShapeDtypeStruct((flat.shape[0], kernel.shape[-1]), jnp.float32)
     return jax.ffi.ffi_call(cpu_kernels.F32_MATMUL, result)(flat, kernel, layer)
+
+
+def _kernel_transposed_dot(flat: jax.Array, weights: jax.Array) -> jax.Array:
+    result = jax.ShapeDtypeStruct((flat.shape[0], weights.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(cpu_kernels.F32_MATMUL_TRANSPOSED, result)(flat, weights)
 
 
 class Embed(nn.Module):
@@ -145,7 +170,7 @@ class Embed(nn.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         if self.blocks is not None:
             return quantized.matmul(x, self.blocks, self.cpu_kernel)
-        return jnp.dot(x, self.embedding.T)
+        return transposed_dot(x, self.embedding, self.cpu_kernel)
 
 
 class RMSNorm(nn.Module):
