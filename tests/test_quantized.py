@@ -155,7 +155,7 @@ def test_the_transposed_float_kernel_agrees_with_the_reference(rows, shape):
 
 def test_a_row_gives_the_same_bits_alone_and_beside_other_rows():
     # XLA's dot rounds one row (a matrix-vector product) unlike several; the kernels sum
-    # each row alone (the quantized one a group of rows at a time, each summed alone), so
+    # each row alone (the quantized one eight, four or fewer rows at a time), so
     # a decode row's logits do not depend on its batch.
     rng = np.random.default_rng(5)
     x = rng.standard_normal((13, 576)).astype(np.float32)

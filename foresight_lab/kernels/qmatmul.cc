@@ -217,13 +217,18 @@ FL_AVX2 void FactoredAvx2(const Row& row, int64_t k, const int16_t* x16,
   }
 }
 
-// Every row of x (m of them) against row r of W, four rows of x at a time.
+// Every row of x (m of them) against row r of W, eight rows of x at a time, then four,
+// then the rest: each row sums the same way whichever group it falls in.
 template <typename Row>
 FL_AVX2 void FactoredRowsAvx2(const Row& row, int64_t k, const int16_t* x16, int64_t m,
                               const float* x_scales, const float* x_sums, float* out,
                               int64_t out_stride) {
   const int64_t blocks = k / kBlock;
   int64_t i = 0;
+  for (; i + 8 <= m; i += 8) {
+    FactoredAvx2<8>(row, k, x16 + i * k, x_scales + i * blocks, x_sums + i * blocks,
+                    out + i * out_stride, out_stride);
+  }
   for (; i + 4 <= m; i += 4) {
     FactoredAvx2<4>(row, k, x16 + i * k, x_scales + i * blocks, x_sums + i * blocks,
                     out + i * out_stride, out_stride);
