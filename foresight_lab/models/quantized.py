@@ -121,7 +121,7 @@ def dequantize(w: QuantizedMatrix) -> jax.Array:
     if w.kind == "q4_1":
         # Weights 0-15 of a block are the low nibbles, 16-31 the high ones: one shift
         # broadcast over a new axis of two. (A concatenate of the two halves made XLA on
-        # the CPU emit a fusion three times slower, a third of a short prefill's time.)
+        # the CPU emit a fusion several times slower, a third of a short prefill's time.)
         packed = w.values.reshape(rows, columns // BLOCK, 1, BLOCK // 2)
         shifts = jnp.asarray([0, 4], jnp.uint8)[:, None]  # [2 1]
         q = ((packed >> shifts) & 0x0F).astype(jnp.float32)  # [N K/32 2 16]
