@@ -373,21 +373,19 @@ class Scheduler:
         behind it that may join it as rows of one call (`_can_share`, the same attended
         length): a burst of short prompts is prefilled in a few calls, not one each."""
         head, *others = self._prefilling
-        start, width, kv_length = head.chunks[0]
+        start, size, kv_length = head.chunks[0]
         if start != 0 or head.logprobs is not None:
             return [head]
-        jobs, sizes = [head], [width]
+        jobs, sizes = [head], [size]
         for job in others:
             if not job.chunks or job.logprobs is not None:
                 continue
             start, size, kv = job.chunks[0]
-            wider = max(width, size)
-            rows = bucket(len(jobs) + 1, self.config.batch_buckets)
-            fits = all(self._can_share(rows, wider, s) for s in (*sizes, size))
+            rows, width = bucket(len(jobs) + 1, self.config.batch_buckets), max(*sizes, size)
+            fits = all(self._can_share(rows, width, s) for s in (*sizes, size))
             if start == 0 and kv == kv_length and fits:
                 jobs.append(job)
                 sizes.append(size)
-                width = wider
         return jobs
 
     def _prefill_chunk(self, jobs: list[_Prefill]) -> None:

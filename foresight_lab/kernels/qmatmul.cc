@@ -289,6 +289,12 @@ FL_AVX2 void StripAvx2(const float* x, const float* w, int64_t m, int64_t k, int
 
 // ---- the handlers ------------------------------------------------------------
 
+// Rows of W (each k weights long) a task takes: at least 8 and about 64K weights, so a
+// task is worth its scheduling.
+int64_t RowsPerTask(int64_t k) {
+  return std::max<int64_t>(8, (1 << 16) / std::max<int64_t>(1, k));
+}
+
 template <typename MakeRow>
 ffi::Error Matmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, int64_t n,
                   MakeRow make_row, ffi::ResultBuffer<ffi::F32>& y) {
@@ -328,9 +334,7 @@ ffi::Error Matmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, int64_t
     }
   }
 #endif
-  // Chunks of at least 8 rows and ~64K weights, so a task is worth its scheduling.
-  const int64_t chunk = std::max<int64_t>(8, (1 << 16) / std::max<int64_t>(1, k));
-  ParallelFor(pool, n, chunk, [=](int64_t begin, int64_t end) {
+  ParallelFor(pool, n, RowsPerTask(k), [=](int64_t begin, int64_t end) {
     thread_local std::vector<float> row;
     row.resize(k);
     for (int64_t r = begin; r < end; ++r) {
@@ -436,8 +440,7 @@ ffi::Error F32MatmulTransposed(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* x_data = x.typed_data();
   const float* w_data = w.typed_data();
   float* y_data = y->typed_data();
-  const int64_t chunk = std::max<int64_t>(8, (1 << 16) / std::max<int64_t>(1, k));
-  ParallelFor(pool, n, chunk, [=](int64_t begin, int64_t end) {
+  ParallelFor(pool, n, RowsPerTask(k), [=](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) DotRows(w_data + r * k, x_data, m, k, y_data + r, n);
   });
   return ffi::Error::Success();
