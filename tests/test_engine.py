@@ -202,8 +202,8 @@ def test_eos_ends_a_choice_with_finish_reason_stop(tiny_lab):
 
 
 def test_warming_up_while_requests_run_leaves_their_tokens_alone(tiny_lab):
-    """Warm-up runs every shape on idle rows between the running steps; nothing it does
-    may reach a running sequence's cache row, penalty counts or next input token."""
+    """Warm-up compiles between the running steps; nothing it does may reach a running
+    sequence's cache row, penalty counts or next input token."""
     sampling = dict(
         temperature=0.9, seed=5, frequency_penalty=1.5, presence_penalty=0.5, max_tokens=240
     )
@@ -212,6 +212,17 @@ def test_warming_up_while_requests_run_leaves_their_tokens_alone(tiny_lab):
     tiny_lab.warmup(progress=False)
     assert tiny_lab.engine.active_slots, "the requests ended before the warm-up did"
     assert [h.result().token_ids for h in handles] == [alone.token_ids] * 3
+
+
+def test_warmup_compiles_without_running_a_step(tiny_lab):
+    """Shapes are compiled ahead of time: running them (a prompt's logprobs at the longest
+    chunk most of all) cost memory and time. A run would replace the donated state."""
+    scheduler = tiny_lab.engine._scheduler
+    state = [scheduler.cache, scheduler.counts, scheduler.last_tokens]
+    tiny_lab.warmup(progress=False)
+    after = [scheduler.cache, scheduler.counts, scheduler.last_tokens]
+    assert all(a is b for a, b in zip(after, state, strict=True))
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(after))
 
 
 def test_max_tokens_dispatches_no_step_past_the_last_token(tiny_lab):

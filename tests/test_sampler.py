@@ -12,6 +12,8 @@ from foresight_lab.engine.sampler import (
     apply_penalties,
     row_keys,
     sample,
+    token_logprobs,
+    top_logprobs,
 )
 
 ROWS = 4000  # many rows of the same logits = many independent draws in one call
@@ -81,6 +83,23 @@ def test_logprobs_are_the_models_whatever_the_temperature():
     expected = jax.nn.log_softmax(logits, -1)[0]
     np.testing.assert_allclose(out.logprobs, expected[np.asarray(out.tokens)], rtol=1e-6)
     np.testing.assert_allclose(out.top_logprobs[0, : len(LOGITS)], expected, rtol=1e-6)
+
+
+def test_logprobs_without_a_whole_log_softmax_equal_its_values():
+    """A prompt's logprobs at every position ([P, V] logits) are read without forming
+    log_softmax; the chosen tokens' are its values bit for bit, the top ones to rounding,
+    in its order."""
+    logits = jax.random.normal(jax.random.key(3), (3, 7, 500)) * 4
+    tokens = jax.random.randint(jax.random.key(4), (3, 7), 0, 500)
+    expected = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jax.jit(token_logprobs)(logits, tokens)
+    np.testing.assert_array_equal(
+        chosen, jnp.take_along_axis(expected, tokens[..., None], -1)[..., 0]
+    )
+    top_tokens, top_values = jax.jit(top_logprobs)(logits)
+    want_values, want_tokens = jax.lax.top_k(expected, top_tokens.shape[-1])
+    np.testing.assert_array_equal(top_tokens, want_tokens)
+    np.testing.assert_allclose(top_values, want_values, rtol=1e-5)
 
 
 @pytest.mark.parametrize("truncation", [dict(top_p=0.9), dict(top_k=40), dict(min_p=0.05), dict()])

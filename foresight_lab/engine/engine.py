@@ -8,6 +8,9 @@ handle.result()                             # or wait for the Completion
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+
 import jax
 
 from foresight_lab.engine.kv_cache import EngineConfig
@@ -47,6 +50,7 @@ class Engine:
         shapes = self._scheduler.shapes()
         for shape in progress_bar(shapes, desc="Compiling", unit="shape", progress=progress):
             self._scheduler.compile_shape(*shape)
+        _return_freed_memory()
 
     def next_token_distribution(self, prompt_ids: list[int], options: SamplingOptions):
         """(model, sampling) probabilities of the next token, numpy Float['V'] each: the
@@ -71,3 +75,10 @@ class Engine:
 
     def shutdown(self) -> None:
         self._scheduler.stop()
+
+
+def _return_freed_memory() -> None:
+    """Hands the heap that compilation freed back to the OS (about 90 MB of resident
+    memory for SmolLM2's shapes); glibc would keep it. Nothing happens elsewhere."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL(None).malloc_trim(0)

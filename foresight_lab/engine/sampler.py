@@ -127,9 +127,8 @@ def sample(
     temperature and truncations shape only which token is drawn.
     """
     vocab = logits.shape[-1]
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    report_logits, report_tokens = jax.lax.top_k(logits, min(TOP_LOGPROBS, vocab))
-    raw_log_total = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    raw_logits = logits
+    report_tokens, report_logprobs = top_logprobs(logits)
     if counts is not None:
         logits = apply_penalties(logits, counts, params)
 
@@ -147,7 +146,25 @@ def sample(
     tokens = jnp.where(params.temperature > 0, drawn, greedy).astype(jnp.int32)
     return Sampled(
         tokens=tokens,
-        logprobs=jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0],
-        top_tokens=report_tokens.astype(jnp.int32),
-        top_logprobs=report_logits - raw_log_total,
+        logprobs=token_logprobs(raw_logits, tokens),
+        top_tokens=report_tokens,
+        top_logprobs=report_logprobs,
     )
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log_softmax(logits)[..., token] for logits: Float['... V'] and tokens: Int['...'],
+    equal to it bit for bit, without the whole log_softmax in memory (at a prompt's
+    every position that is a [P, V] array)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    log_total = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
+    picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    return (picked - top[..., 0]) - log_total
+
+
+def top_logprobs(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The TOP_LOGPROBS most likely tokens, Int['... K'], and their logprobs,
+    Float['... K'], chosen on the logits (the order is the same) so that no [..., V]
+    array of logprobs is formed."""
+    top_logits, tokens = jax.lax.top_k(logits, min(TOP_LOGPROBS, logits.shape[-1]))
+    return tokens.astype(jnp.int32), top_logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)

@@ -246,32 +246,29 @@ class Scheduler:
         ]
 
     def compile_shape(self, kind: str, rows: int, size: int, kv_length: int) -> None:
-        """Runs one shape on idle inputs so it is compiled; every write is dropped, so
-        sequences running meanwhile are untouched."""
+        """Compiles one shape ahead of time, on arguments like a real call's, without
+        running it: running a prompt's logprobs at the longest chunk took about 200 MB
+        more memory than any compilation, and running every shape took time."""
         idle = np.full((rows, size), self.config.max_cache_length, np.int32)
         zeros = np.zeros((rows, size), np.int32)
         slots = np.zeros(rows, np.int32)
+        s = self.steps
         with self._device, self.compiles:
             if kind == "prefill":
-                self.cache = self.steps.prefill(
-                    self.params, self.cache, zeros, idle, slots, kv_length=kv_length
-                )
-                self.cache = self.steps.copy_row(self.cache, np.int32(0), np.int32(0))
-                self.steps.clear_counts(self._zero_counts(), np.int32(0))
+                calls = [
+                    (s.prefill, (self.params, self.cache, zeros, idle, slots), kv_length),
+                    (s.copy_row, (self.cache, np.int32(0), np.int32(0)), None),
+                    (s.clear_counts, (self.counts, np.int32(0)), None),
+                ]
             elif kind == "prefill_logprobs":
-                self.cache, *_ = self.steps.prefill_with_logprobs(
-                    self.params, self.cache, zeros, idle, slots, zeros, kv_length=kv_length
-                )
+                args = (self.params, self.cache, zeros, idle, slots, zeros)
+                calls = [(s.prefill_with_logprobs, args, kv_length)]
             else:
-                sampled, self.cache, self.counts, self.last_tokens = self.steps.decode(
-                    self.params,
-                    self.cache,
-                    self.counts,
-                    self.last_tokens,
-                    *self._decode_inputs([], rows),
-                    kv_length=kv_length,
-                )
-                jax.block_until_ready(sampled.tokens)
+                args = (self.params, self.cache, self.counts, self.last_tokens)
+                calls = [(s.decode, (*args, *self._decode_inputs([], rows)), kv_length)]
+            for function, args, length in calls:
+                static = {} if length is None else {"kv_length": length}
+                function.lower(*args, **static).compile()
 
     def next_token_distribution(self, prompt_ids: list[int], options: SamplingOptions):
         """(model probabilities, sampling probabilities), each Float['V'] as numpy, of the

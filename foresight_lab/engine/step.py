@@ -16,12 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from foresight_lab.engine.sampler import (
-    TOP_LOGPROBS,
     Sampled,
     SamplingParams,
     row_keys,
     sample,
     sampling_distribution,
+    token_logprobs,
+    top_logprobs,
 )
 from foresight_lab.models import cpu_kernels
 from foresight_lab.models.config import ModelConfig
@@ -139,10 +140,8 @@ class Steps:
         logits, cache = self.model.apply(
             {"params": params}, tokens, positions, cache, rows, kv_length
         )
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
-        chosen = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-        top_logprobs, top_tokens = jax.lax.top_k(log_probs, min(TOP_LOGPROBS, log_probs.shape[-1]))
-        return self._pin_cache(cache), chosen, top_tokens, top_logprobs
+        top_tokens, top_values = top_logprobs(logits)
+        return self._pin_cache(cache), token_logprobs(logits, targets), top_tokens, top_values
 
     def _next_token_logits(
         self,
