@@ -21,7 +21,16 @@ ROWS = 4000  # many rows of the same logits = many independent draws in one call
 sample_jit = jax.jit(sample)
 
 
-def params(rows, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, presence=0.0, frequency=0.0):
+def params(
+    rows,
+    temperature=1.0,
+    top_p=1.0,
+    top_k=0,
+    min_p=0.0,
+    presence=0.0,
+    frequency=0.0,
+    alternatives=0,
+):
     full = lambda value, dtype: jnp.full(rows, value, dtype)
     return SamplingParams(
         full(temperature, jnp.float32),
@@ -30,6 +39,7 @@ def params(rows, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, presence=0.0, f
         full(min_p, jnp.float32),
         full(presence, jnp.float32),
         full(frequency, jnp.float32),
+        full(alternatives, jnp.int32),
     )
 
 
@@ -79,7 +89,7 @@ def test_min_p_drops_tokens_below_a_fraction_of_the_top():
 
 def test_logprobs_are_the_models_whatever_the_temperature():
     logits = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (2, len(LOGITS)))
-    out = sample_jit(logits, params(2, temperature=1.7, top_k=3), keys(2))
+    out = sample_jit(logits, params(2, temperature=1.7, top_k=3, alternatives=5), keys(2))
     expected = jax.nn.log_softmax(logits, -1)[0]
     np.testing.assert_allclose(out.logprobs, expected[np.asarray(out.tokens)], rtol=1e-6)
     np.testing.assert_allclose(out.top_logprobs[0, : len(LOGITS)], expected, rtol=1e-6)
@@ -100,6 +110,22 @@ def test_logprobs_without_a_whole_log_softmax_equal_its_values():
     want_values, want_tokens = jax.lax.top_k(expected, top_tokens.shape[-1])
     np.testing.assert_array_equal(top_tokens, want_tokens)
     np.testing.assert_allclose(top_values, want_values, rtol=1e-5)
+
+
+def test_alternatives_are_computed_only_when_a_row_asks():
+    """The vocabulary's top_k for logprobs runs only in a step where some row reports
+    alternatives; a row that asks gets the same whatever its neighbours ask."""
+    logits = jax.random.normal(jax.random.key(5), (3, 300)) * 3
+    none = sample_jit(logits, params(3, temperature=0.0), keys(3))
+    assert not np.asarray(none.top_tokens).any() and not np.asarray(none.top_logprobs).any()
+    asking = params(3, temperature=0.0)
+    asking = asking.replace(top_logprobs=asking.top_logprobs.at[1].set(4))
+    some = sample_jit(logits, asking, keys(3))
+    want_tokens, want_values = top_logprobs(logits)
+    np.testing.assert_array_equal(some.top_tokens[1], want_tokens[1])
+    np.testing.assert_array_equal(some.top_logprobs[1], want_values[1])
+    np.testing.assert_array_equal(some.tokens, none.tokens)
+    np.testing.assert_array_equal(some.logprobs, none.logprobs)
 
 
 @pytest.mark.parametrize("truncation", [dict(top_p=0.9), dict(top_k=40), dict(min_p=0.05), dict()])

@@ -28,14 +28,15 @@ class SamplingParams:
     min_p: jax.Array  # Float['B']; 0 = off
     presence_penalty: jax.Array  # Float['B']; subtracted once from generated tokens' logits
     frequency_penalty: jax.Array  # Float['B']; subtracted per time a token was generated
+    top_logprobs: jax.Array  # Int['B']; alternatives the row reports (0: none)
 
 
 @flax.struct.dataclass
 class Sampled:
     tokens: jax.Array  # Int['B']
     logprobs: jax.Array  # Float['B'], of the chosen token under the model's distribution
-    top_tokens: jax.Array  # Int['B TOP_LOGPROBS']
-    top_logprobs: jax.Array  # Float['B TOP_LOGPROBS']
+    top_tokens: jax.Array  # Int['B TOP_LOGPROBS'], zeros when no row asked for any
+    top_logprobs: jax.Array  # Float['B TOP_LOGPROBS'], zeros when no row asked for any
 
 
 def row_keys(seeds: jax.Array, choices: jax.Array, positions: jax.Array) -> jax.Array:
@@ -124,13 +125,23 @@ def sample(
     """Next tokens for logits: Float['B V'] with per-row params and keys.
 
     Reported logprobs are the model's own; penalties (with counts) and the
-    temperature and truncations shape only which token is drawn.
+    temperature and truncations shape only which token is drawn. The alternatives (a
+    top_k over the vocabulary, 2 ms a batch-8 step on two cores) and the penalties are
+    computed only in steps where some row asks for them; both branches are in the one
+    compiled function.
     """
     vocab = logits.shape[-1]
     raw_logits = logits
-    report_tokens, report_logprobs = top_logprobs(logits)
+    report_tokens, report_logprobs = jax.lax.cond(
+        jnp.any(params.top_logprobs > 0), top_logprobs, _no_alternatives, logits
+    )
     if counts is not None:
-        logits = apply_penalties(logits, counts, params)
+        penalized = (params.presence_penalty != 0) | (params.frequency_penalty != 0)
+        logits = jax.lax.cond(
+            jnp.any(penalized),
+            lambda: apply_penalties(logits, counts, params),
+            lambda: logits,
+        )
 
     def draw() -> jax.Array:
         cdf = jnp.cumsum(sampling_weights(logits, params), axis=-1)
@@ -160,6 +171,12 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     log_total = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
     picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
     return (picked - top[..., 0]) - log_total
+
+
+def _no_alternatives(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Zeros in the shapes of top_logprobs(logits)."""
+    shape = (*logits.shape[:-1], min(TOP_LOGPROBS, logits.shape[-1]))
+    return jnp.zeros(shape, jnp.int32), jnp.zeros(shape, logits.dtype)
 
 
 def top_logprobs(logits: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -295,6 +295,7 @@ class Scheduler:
                     (o.min_p, np.float32),
                     (0.0, np.float32),
                     (0.0, np.float32),
+                    (0, np.int32),
                 )
             )
         )
@@ -455,6 +456,7 @@ class Scheduler:
         min_p = np.zeros(rows, np.float32)
         presence = np.zeros(rows, np.float32)
         frequency = np.zeros(rows, np.float32)
+        alternatives = np.zeros(rows, np.int32)
         seeds = np.zeros((rows, 2), np.uint32)
         choices = np.zeros(rows, np.int32)
         for s in sequences:
@@ -465,10 +467,13 @@ class Scheduler:
             top_k[s.slot] = o.top_k if o.top_k < self.model_config.vocab_size else 0
             min_p[s.slot] = o.min_p
             presence[s.slot], frequency[s.slot] = o.presence_penalty, o.frequency_penalty
+            alternatives[s.slot] = o.top_logprobs if o.logprobs else 0
             seed = s.handle.seed % 2**64
             seeds[s.slot] = (seed >> 32, seed & 0xFFFFFFFF)
             choices[s.slot] = s.index
-        sampling = SamplingParams(temperature, top_p, top_k, min_p, presence, frequency)
+        sampling = SamplingParams(
+            temperature, top_p, top_k, min_p, presence, frequency, alternatives
+        )
         return tokens, positions, sampling, seeds, choices
 
     def _dispatch_decode(self) -> _InFlight | None:
