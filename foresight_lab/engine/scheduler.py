@@ -54,6 +54,12 @@ from foresight_lab.models.config import ModelConfig
 from foresight_lab.models.quantized import kernel_serves
 
 
+def _alternatives(options: SamplingOptions) -> int:
+    """How many top alternatives a sequence reports with each token (0: none); the
+    decode step computes them only when some row's count is above 0."""
+    return options.top_logprobs if options.logprobs else 0
+
+
 @dataclasses.dataclass
 class _Sequence:
     """One choice of one request, decoding in one slot."""
@@ -255,20 +261,17 @@ class Scheduler:
         s = self.steps
         with self._device, self.compiles:
             if kind == "prefill":
-                calls = [
-                    (s.prefill, (self.params, self.cache, zeros, idle, slots), kv_length),
-                    (s.copy_row, (self.cache, np.int32(0), np.int32(0)), None),
-                    (s.clear_counts, (self.counts, np.int32(0)), None),
-                ]
+                args = (self.params, self.cache, zeros, idle, slots)
+                s.prefill.lower(*args, kv_length=kv_length).compile()
+                s.copy_row.lower(self.cache, np.int32(0), np.int32(0)).compile()
+                s.clear_counts.lower(self.counts, np.int32(0)).compile()
             elif kind == "prefill_logprobs":
                 args = (self.params, self.cache, zeros, idle, slots, zeros)
-                calls = [(s.prefill_with_logprobs, args, kv_length)]
+                s.prefill_with_logprobs.lower(*args, kv_length=kv_length).compile()
             else:
                 args = (self.params, self.cache, self.counts, self.last_tokens)
-                calls = [(s.decode, (*args, *self._decode_inputs([], rows)), kv_length)]
-            for function, args, length in calls:
-                static = {} if length is None else {"kv_length": length}
-                function.lower(*args, **static).compile()
+                inputs = self._decode_inputs([], rows)
+                s.decode.lower(*args, *inputs, kv_length=kv_length).compile()
 
     def next_token_distribution(self, prompt_ids: list[int], options: SamplingOptions):
         """(model probabilities, sampling probabilities), each Float['V'] as numpy, of the
@@ -467,7 +470,7 @@ class Scheduler:
             top_k[s.slot] = o.top_k if o.top_k < self.model_config.vocab_size else 0
             min_p[s.slot] = o.min_p
             presence[s.slot], frequency[s.slot] = o.presence_penalty, o.frequency_penalty
-            alternatives[s.slot] = o.top_logprobs if o.logprobs else 0
+            alternatives[s.slot] = _alternatives(o)
             seed = s.handle.seed % 2**64
             seeds[s.slot] = (seed >> 32, seed & 0xFFFFFFFF)
             choices[s.slot] = s.index
@@ -500,7 +503,7 @@ class Scheduler:
         """Emits a step's tokens to the sequences that are still running."""
         tokens = np.asarray(step.sampled.tokens)
         logprobs = np.asarray(step.sampled.logprobs)
-        wants_top = any(s.handle.options.top_logprobs for s in step.sequences)
+        wants_top = any(_alternatives(s.handle.options) for s in step.sequences)
         top_tokens = np.asarray(step.sampled.top_tokens) if wants_top else None
         top_logprobs = np.asarray(step.sampled.top_logprobs) if wants_top else None
         for s in step.sequences:
@@ -519,7 +522,7 @@ class Scheduler:
                     text, finish = text + s.text.finish(), "length"
             logprob = None
             if s.handle.options.logprobs:
-                k = s.handle.options.top_logprobs if wants_top else 0
+                k = _alternatives(s.handle.options)
                 alternatives = (top_tokens[s.slot], top_logprobs[s.slot]) if k else ((), ())
                 logprob = (self._token_logprob(token, logprobs[s.slot], *alternatives, k),)
             s.handle.put(Delta(s.index, text, (token,), logprob, finish))
