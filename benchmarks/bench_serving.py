@@ -335,6 +335,7 @@ def bench_foresight(args, path, prompts: Prompts, work: Workload, logs: pathlib.
         [sys.executable, "-m", "foresight_lab", "serve", args.model]
         + f"--port {port} --max-slots {args.max_slots}".split()
         + f"--max-cache-length {args.max_cache_length}".split()
+        + f"--kv-cache-dtype {args.kv_cache_dtype}".split()
         + (["--warmup"] if warmup else []),
         f"http://127.0.0.1:{port}/openai",
         logs / "foresight-lab.log",
@@ -365,9 +366,10 @@ def bench_foresight(args, path, prompts: Prompts, work: Workload, logs: pathlib.
         server.stop()
     result["startup_s"] = startup_s
     result["wall_s"] = time.perf_counter() - started
-    result["how"] = f"HTTP, {args.max_slots} slots x {args.max_cache_length} tokens, " + (
-        "`serve --warmup`" if warmup else "warmed by one round of requests"
-    )
+    result["how"] = (
+        f"HTTP, {args.max_slots} slots x {args.max_cache_length} tokens, "
+        f"{args.kv_cache_dtype} KV cache, "
+    ) + ("`serve --warmup`" if warmup else "warmed by one round of requests")
     result["system"] = "foresight-lab"
     return result
 
@@ -723,7 +725,7 @@ def git_state() -> str:
     return f"{head}{' (with uncommitted changes to foresight_lab/)' if dirty else ''}"
 
 
-def rss_budget_mb(path: pathlib.Path, max_slots: int, max_cache_length: int) -> float:
+def rss_budget_mb(args, path: pathlib.Path) -> float:
     """2x the GGUF file plus the KV cache the foresight-lab server preallocates."""
     from foresight_lab.engine.kv_cache import EngineConfig
     from foresight_lab.models.config import ModelConfig
@@ -734,7 +736,12 @@ def rss_budget_mb(path: pathlib.Path, max_slots: int, max_cache_length: int) -> 
     config = ModelConfig.from_gguf(
         read_metadata(reader), has_output_weight="output.weight" in names
     )
-    kv = EngineConfig(max_slots=max_slots, max_cache_length=max_cache_length).cache_bytes(config)
+    engine = EngineConfig(
+        max_slots=args.max_slots,
+        max_cache_length=args.max_cache_length,
+        kv_cache_dtype=args.kv_cache_dtype,
+    )
+    kv = engine.cache_bytes(config)
     return (2 * path.stat().st_size + kv) / 2**20
 
 
@@ -762,6 +769,12 @@ def main() -> None:
         type=int,
         default=1024,
         help="foresight-lab --max-cache-length, llama.cpp --n_ctx",
+    )
+    parser.add_argument(
+        "--kv-cache-dtype",
+        choices=("float16", "float32"),
+        default="float16",
+        help="foresight-lab --kv-cache-dtype (llama.cpp's cache is float16)",
     )
     parser.add_argument(
         "--threads",
@@ -833,7 +846,7 @@ def main() -> None:
         partial = results / "serving.partial.json"  # kept if a later system fails
         partial.write_text(json.dumps(rows, indent=2, default=str))
 
-    budget = rss_budget_mb(path, args.max_slots, args.max_cache_length)
+    budget = rss_budget_mb(args, path)
     ordered = list(rows.values())
     text = table(ordered, work)
     checks = targets(rows, work, budget)

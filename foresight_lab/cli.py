@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+from foresight_lab.engine.kv_cache import KV_CACHE_DTYPES, EngineConfig
 from foresight_lab.engine.request import FORESIGHT_DEFAULT_TEMPERATURE, InvalidRequestError
 from foresight_lab.weights import registry
 
@@ -55,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--max-slots", type=int, default=8)
     serve.add_argument("--max-cache-length", type=int, default=2048)
+    serve.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default=EngineConfig.kv_cache_dtype,
+        help="element type of the KV cache (float16 halves its memory and the bytes "
+        "attention reads; float32 keeps keys and values exactly)",
+    )
     serve.add_argument(
         "--warmup",
         action="store_true",
@@ -117,6 +125,7 @@ def _serve(args) -> int:
         args.model,
         max_slots=args.max_slots,
         max_cache_length=args.max_cache_length,
+        kv_cache_dtype=args.kv_cache_dtype,
         warmup=args.warmup,
     )
     try:

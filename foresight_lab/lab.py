@@ -282,6 +282,7 @@ def load(
     *,
     max_slots: int = 8,
     max_cache_length: int = 2048,
+    kv_cache_dtype: str = EngineConfig.kv_cache_dtype,
     progress: bool | None = None,
     warmup: bool = False,
     mesh=None,
@@ -290,7 +291,8 @@ def load(
     """Loads MODEL (a built-in alias, a .gguf file, or a Hugging Face directory).
 
     max_slots sequences decode together (n choices each take one); max_cache_length
-    tokens (prompt plus completion) fit each. Together they fix the KV cache budget.
+    tokens (prompt plus completion) fit each. Together with kv_cache_dtype ("float16",
+    or "float32" for keys and values exactly as computed) they fix the KV cache budget.
     mesh: a `jax.sharding.Mesh` with axes ("data", "model") to spread the model and
     cache over several devices (`foresight_lab.make_mesh()` builds one).
     quantized: keep a GGUF's Q4_1 and Q8_0 weights in their blocks (about the file's
@@ -299,7 +301,10 @@ def load(
     """
     loaded = load_model(model, progress=progress, quantized=quantized)
     max_cache_length = min(max_cache_length, loaded.config.max_position_embeddings)
-    lab = Lab(loaded, EngineConfig(max_slots=max_slots, max_cache_length=max_cache_length), mesh)
+    config = EngineConfig(
+        max_slots=max_slots, max_cache_length=max_cache_length, kv_cache_dtype=kv_cache_dtype
+    )
+    lab = Lab(loaded, config, mesh)
     if warmup:
         lab.warmup(progress=progress)
     return lab

@@ -120,6 +120,9 @@ class MockEngine:
 
     # ---- the engine's interface ----------------------------------------------------
 
+    def kv_cache_bytes(self) -> int:
+        return self.config.max_slots * self.config.max_cache_length * 64  # a made-up size
+
     def submit(self, prompt_ids: list[int], options: SamplingOptions) -> RequestHandle:
         if self.fail_on_submit is not None:
             raise self.fail_on_submit

@@ -1,8 +1,9 @@
 """The decode-attention CPU kernel (kernels/attention.cc) agrees with the pure-JAX
 attention it replaces, which stays the reference and serves prefill and other backends.
 
-Both are float32; they differ in the order of the sums and in the kernel's polynomial
-exp (a few ulps), which keeps them within 1e-5 of max |out| (about 1e-6 seen).
+Both compute in float32, over a float32 or a float16 cache (which both convert
+exactly); they differ in the order of the sums and in the kernel's polynomial exp (a
+few ulps), which keeps them within 1e-5 of max |out| (about 1e-6 seen).
 """
 
 import functools
@@ -20,13 +21,13 @@ LAYERS, SLOTS, LENGTH = 3, 6, 40
 LAYER = 1  # the layer the tests attend over; the others must not be read
 
 
-def random_case(batch, heads, kv_heads, head_dim, seed=0):
+def random_case(batch, heads, kv_heads, head_dim, seed=0, cache_dtype=np.float32):
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((batch, 1, heads, head_dim)).astype(np.float32)
     # Keys scaled up so the softmax is far from uniform and its max matters.
     shape = (LAYERS, SLOTS, kv_heads, LENGTH, head_dim)
-    k = (3 * rng.standard_normal(shape)).astype(np.float32)
-    v = rng.standard_normal(shape).astype(np.float32)
+    k = (3 * rng.standard_normal(shape)).astype(cache_dtype)
+    v = rng.standard_normal(shape).astype(cache_dtype)
     return q, k, v
 
 
@@ -45,17 +46,20 @@ def assert_close(got, expected):
     assert np.abs(got - expected).max() <= TOLERANCE * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("cache_dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("head_dim", [64, 128, 24])  # AVX2 paths and the portable one
 @pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4)])
-def test_the_kernel_agrees_with_the_reference(head_dim, heads, kv_heads):
-    q, k, v = random_case(4, heads, kv_heads, head_dim, seed=head_dim + heads)
+def test_the_kernel_agrees_with_the_reference(head_dim, heads, kv_heads, cache_dtype):
+    seed = head_dim + heads
+    q, k, v = random_case(4, heads, kv_heads, head_dim, seed=seed, cache_dtype=cache_dtype)
     # Short and long histories, position 0 (sees one entry), up to the last of kv_length.
     got, expected = both(q, k, v, [0, 7, 31, 17], rows=[1, 4, 2, 5], kv_length=32)
     assert_close(got, expected)
 
 
-def test_rows_past_the_window_see_all_of_it_and_negative_ones_weigh_it_equally():
-    q, k, v = random_case(3, 9, 3, 64, seed=1)
+@pytest.mark.parametrize("cache_dtype", [np.float32, np.float16])
+def test_rows_past_the_window_see_all_of_it_and_negative_ones_weigh_it_equally(cache_dtype):
+    q, k, v = random_case(3, 9, 3, 64, seed=1, cache_dtype=cache_dtype)
     # An idle row sits at or beyond the cache length; the reference then sees every
     # position of the window. A negative position masks all of them: equal weights.
     got, expected = both(q, k, v, [LENGTH + 5, -1, 3], rows=None, kv_length=16)
@@ -68,10 +72,11 @@ def test_rows_past_the_cache_are_clamped_as_the_gather_does():
     assert_close(got, expected)
 
 
-def test_a_row_reads_only_its_own_visible_positions():
+@pytest.mark.parametrize("cache_dtype", [np.float32, np.float16])
+def test_a_row_reads_only_its_own_visible_positions(cache_dtype):
     # Entries beyond a row's position (stale ones from an earlier occupant), other
     # rows' entries and other layers' must not change its output.
-    q, k, v = random_case(2, 9, 3, 64, seed=3)
+    q, k, v = random_case(2, 9, 3, 64, seed=3, cache_dtype=cache_dtype)
     got, _ = both(q, k, v, [10, 20], rows=[2, 3], kv_length=32)
     k2, v2 = k.copy(), v.copy()
     k2[LAYER, 2, :, 11:], v2[LAYER, 2, :, 11:] = 1e3, -1e3
@@ -81,9 +86,9 @@ def test_a_row_reads_only_its_own_visible_positions():
     np.testing.assert_array_equal(got2[0], got[0])
 
 
-def lowered(length: int, use_kernel: bool = True) -> str:
+def lowered(length: int, use_kernel: bool = True, cache_dtype=jnp.float32) -> str:
     q = jax.ShapeDtypeStruct((2, length, 9, 64), jnp.float32)
-    cache = jax.ShapeDtypeStruct((LAYERS, SLOTS, 3, LENGTH, 64), jnp.float32)
+    cache = jax.ShapeDtypeStruct((LAYERS, SLOTS, 3, LENGTH, 64), cache_dtype)
     positions = jax.ShapeDtypeStruct((2, length), jnp.int32)
     run = jax.jit(attend, static_argnums=(6, 7))
     args = (q, cache, cache, positions, None, jnp.int32(LAYER), 32, use_kernel)
@@ -93,5 +98,20 @@ def lowered(length: int, use_kernel: bool = True) -> str:
 def test_decode_uses_the_kernel_and_prefill_the_reference():
     assert cpu_kernels.available()
     assert cpu_kernels.DECODE_ATTENTION in lowered(1)
+    assert cpu_kernels.DECODE_ATTENTION in lowered(1, cache_dtype=jnp.float16)
+    assert cpu_kernels.DECODE_ATTENTION not in lowered(1, cache_dtype=jnp.bfloat16)
     assert cpu_kernels.DECODE_ATTENTION not in lowered(8)  # a prefill chunk
     assert cpu_kernels.DECODE_ATTENTION not in lowered(1, use_kernel=False)  # a mesh
+
+
+def test_a_float16_cache_moves_the_output_by_about_its_rounding():
+    # The same keys and values, stored as float16: the output moves by about float16's
+    # relative rounding (2^-11 of each entry), not more; the kernel and the reference
+    # see the same rounded entries, so they still agree to float32's precision.
+    q, k, v = random_case(4, 9, 3, 64, seed=4)
+    exact, _ = both(q, k, v, [3, 12, 25, 31], rows=[0, 2, 4, 5], kv_length=32)
+    k16, v16 = k.astype(np.float16), v.astype(np.float16)
+    got, expected = both(q, k16, v16, [3, 12, 25, 31], rows=[0, 2, 4, 5], kv_length=32)
+    assert_close(got, expected)
+    moved = np.abs(got - exact).max() / np.abs(exact).max()
+    assert 0 < moved < 2e-3  # about 4e-4 seen; 2^-11 is 4.9e-4

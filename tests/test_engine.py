@@ -377,6 +377,43 @@ def test_a_cache_beyond_free_memory_is_refused_before_allocating(tiny_lab):
         Lab(tiny_lab.model, huge)
 
 
+def test_the_kv_cache_is_kept_in_its_configured_dtype(tiny_lab):
+    import jax.numpy as jnp
+
+    keys, values = tiny_lab.engine._scheduler.cache
+    assert keys.dtype == values.dtype == jnp.float16  # the default
+    exact = dataclasses.replace(tiny_lab.engine.config, kv_cache_dtype="float32")
+    assert exact.cache_bytes(tiny_lab.model.config) == 2 * tiny_lab.engine.kv_cache_bytes()
+    assert tiny_lab.engine.kv_cache_bytes() == keys.nbytes + values.nbytes
+
+
+def test_an_unknown_kv_cache_dtype_is_refused_with_the_choices():
+    with pytest.raises(
+        ValueError, match="kv_cache_dtype must be one of float16, float32, not 'int8'"
+    ):
+        EngineConfig(kv_cache_dtype="int8")
+
+
+def test_a_float32_cache_gives_the_float16_caches_greedy_tokens(tiny_lab):
+    # float16 rounds each key and value to 11 significant bits; on this model that
+    # moves the logprobs by about 2e-4 and leaves the greedy choices as they were.
+    config = dataclasses.replace(tiny_lab.engine.config, kv_cache_dtype="float32")
+    exact = Lab(tiny_lab.model, config)
+    try:
+        greedy = options(temperature=0, max_tokens=24, ignore_eos=True, logprobs=True)
+        got = tiny_lab.engine.submit(LONG_PROMPT, greedy).result()
+        expected = exact.engine.submit(LONG_PROMPT, greedy).result()
+        assert exact.engine._scheduler.cache[0].dtype == np.float32
+    finally:
+        exact.engine.shutdown()
+    assert got.token_ids == expected.token_ids
+    np.testing.assert_allclose(
+        [p.logprob for p in got.choices[0].logprobs],
+        [p.logprob for p in expected.choices[0].logprobs],
+        atol=2e-3,
+    )
+
+
 def test_next_token_distribution_matches_what_greedy_and_truncation_do(tiny_lab):
     dist = tiny_lab.next_token_distribution(PROMPT, top_k=5)
     greedy = tiny_lab.generate(PROMPT, temperature=0, max_tokens=1, logprobs=True)

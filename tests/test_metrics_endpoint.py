@@ -22,6 +22,7 @@ FAMILIES = {
     "foresight_queue_depth": "gauge",
     "foresight_active_slots": "gauge",
     "foresight_max_slots": "gauge",
+    "foresight_kv_cache_bytes": "gauge",
     "foresight_compilations_total": "counter",
 }
 SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)")
@@ -174,6 +175,7 @@ def test_engine_figures_are_read_at_each_scrape(app, engine):
     handle.cancel()
     assert samples[("foresight_active_slots",)] == 2
     assert samples[("foresight_max_slots",)] == 4
+    assert samples[("foresight_kv_cache_bytes",)] == engine.kv_cache_bytes() == 4 * 128 * 64
     assert samples[("foresight_queue_depth",)] == 0
     assert samples[("foresight_compilations_total",)] == 3
 

@@ -436,12 +436,15 @@ def test_the_cli_serves_a_model_directory_and_stops_on_ctrl_c(tmp_path):
     tiny_hf_model("qwen3").save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     options = ["--api-key", KEY, "--max-cache-length", "128", "--max-slots", "2", "--warmup"]
-    process, base_url, _ = start_cli(str(directory), *options)
+    process, base_url, _ = start_cli(str(directory), *options, "--kv-cache-dtype", "float32")
     metrics_url = base_url.removesuffix("/openai") + "/metrics"
 
-    def compilations() -> float:
+    def metric(name: str) -> float:
         text = httpx.get(metrics_url).text
-        return float(re.search(r"^foresight_compilations_total (\S+)$", text, re.M).group(1))
+        return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+    def compilations() -> float:
+        return metric("foresight_compilations_total")
 
     try:
         warm = compilations()
@@ -454,6 +457,8 @@ def test_the_cli_serves_a_model_directory_and_stops_on_ctrl_c(tmp_path):
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] == 3
         assert warm > 0 and compilations() == warm  # --warmup compiled everything first
+        # Keys and values of 2 layers x 2 kv heads x 32 dims, 2 x 128 positions, 4 bytes.
+        assert metric("foresight_kv_cache_bytes") == 2 * (2 * 2 * 32) * (2 * 128) * 4
         assert httpx.get(base_url + "/models").status_code == 401
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0

@@ -17,6 +17,10 @@ import jax.numpy as jnp
 from foresight_lab.models.config import ModelConfig
 from foresight_lab.models.decoder import Cache, empty_cache
 
+# The cache's element types: float16 halves the bytes that decode attention reads
+# (llama.cpp's default too); float32 keeps keys and values exactly as computed.
+KV_CACHE_DTYPES = ("float16", "float32")
+
 
 def _powers_of_two(low: int, high: int) -> tuple[int, ...]:
     sizes, size = [], low
@@ -36,10 +40,17 @@ class EngineConfig:
     min_cache_bucket: int = 128
     min_prefill_bucket: int = 16
     max_queue: int = 256  # requests waiting for slots before submit() refuses more
+    # Keys and values are stored as this; attention computes in float32 either way.
+    kv_cache_dtype: str = "float16"
 
     def __post_init__(self):
         if self.max_slots < 1 or self.max_cache_length < 2:
             raise ValueError("max_slots must be >= 1 and max_cache_length >= 2")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                f"not {self.kv_cache_dtype!r}"
+            )
         if self.prefill_chunk > self.max_cache_length:
             object.__setattr__(self, "prefill_chunk", self.max_cache_length)
 
@@ -57,9 +68,9 @@ class EngineConfig:
     def prefill_buckets(self) -> tuple[int, ...]:
         return _powers_of_two(min(self.min_prefill_bucket, self.prefill_chunk), self.prefill_chunk)
 
-    def cache_bytes(self, model: ModelConfig, dtype=jnp.float32) -> int:
+    def cache_bytes(self, model: ModelConfig) -> int:
         per_layer = 2 * self.max_slots * self.max_cache_length * model.num_kv_heads * model.head_dim
-        return per_layer * model.num_layers * jnp.dtype(dtype).itemsize
+        return per_layer * model.num_layers * jnp.dtype(self.kv_cache_dtype).itemsize
 
 
 def bucket(size: int, buckets: tuple[int, ...]) -> int:
@@ -85,11 +96,9 @@ def free_memory_bytes(device: jax.Device) -> int | None:
         return None
 
 
-def check_budget(
-    model: ModelConfig, config: EngineConfig, devices: int = 1, dtype=jnp.float32
-) -> None:
+def check_budget(model: ModelConfig, config: EngineConfig, devices: int = 1) -> None:
     """Refuses, with what to change, a cache that would not fit (instead of crashing)."""
-    needed = config.cache_bytes(model, dtype) // devices
+    needed = config.cache_bytes(model) // devices
     free = free_memory_bytes(jax.devices()[0])
     if free is not None and needed > 0.9 * free:
         raise CacheBudgetError(
@@ -99,5 +108,5 @@ def check_budget(
         )
 
 
-def allocate(model: ModelConfig, config: EngineConfig, dtype=jnp.float32) -> Cache:
-    return empty_cache(model, config.max_slots, config.max_cache_length, dtype)
+def allocate(model: ModelConfig, config: EngineConfig) -> Cache:
+    return empty_cache(model, config.max_slots, config.max_cache_length, config.kv_cache_dtype)

@@ -124,7 +124,11 @@ class Scheduler:
             self._tokens_sharding = NamedSharding(mesh, P(slots_axis))
         self._allocate_state()
         self.steps = Steps(
-            model_config, self._cache_sharding, self._counts_sharding, self._tokens_sharding
+            model_config,
+            config.kv_cache_dtype,
+            self._cache_sharding,
+            self._counts_sharding,
+            self._tokens_sharding,
         )
         # A decode step whose attention reads each row's visible positions in place (the
         # CPU kernel) costs the same for any window, so one cache bucket serves it.

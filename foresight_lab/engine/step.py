@@ -78,12 +78,14 @@ class Steps:
     def __init__(
         self,
         model_config: ModelConfig,
+        cache_dtype: str = "float32",
         cache_sharding=None,
         counts_sharding=None,
         tokens_sharding=None,
     ):
         # On a mesh XLA partitions the pure-JAX matmuls; the CPU kernel is one device's.
         self.model = Decoder(model_config, cpu_kernel=cache_sharding is None)
+        self.cache_dtype = cache_dtype  # of the scratch caches, as the engine's
         # Decode attention on the CPU kernel reads only each row's visible positions.
         self.decode_reads_cache_in_place = (
             self.model.cpu_kernel and cpu_kernels.available() and jax.default_backend() == "cpu"
@@ -152,7 +154,7 @@ class Steps:
     ) -> jax.Array:
         """Logits after a prompt, Float['V'], on a scratch cache (the engine's is untouched)."""
         length = tokens.shape[1]
-        scratch = empty_cache(self.model.config, 1, length)
+        scratch = empty_cache(self.model.config, 1, length, self.cache_dtype)
         logits, _ = self.model.apply({"params": params}, tokens, positions, scratch, None, length)
         return logits[0, last]
 

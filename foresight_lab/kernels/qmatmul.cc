@@ -38,6 +38,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using foresight_lab::HalfToFloat;
 using foresight_lab::ParallelFor;
 #ifdef FL_X86
 using foresight_lab::HasAvx2;
@@ -45,31 +46,6 @@ using foresight_lab::HorizontalSum;
 #endif
 
 constexpr int64_t kBlock = 32;
-
-float HalfToFloat(uint16_t h) {
-  // IEEE binary16 -> binary32, exact (subnormals included).
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
-  uint32_t exponent = (h >> 10) & 0x1f;
-  uint32_t mantissa = h & 0x3ff;
-  uint32_t bits;
-  if (exponent == 0x1f) {
-    bits = sign | 0x7f800000 | (mantissa << 13);
-  } else if (exponent != 0) {
-    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-  } else if (mantissa == 0) {
-    bits = sign;
-  } else {
-    exponent = 113;
-    while ((mantissa & 0x400) == 0) {
-      mantissa <<= 1;
-      --exponent;
-    }
-    bits = sign | (exponent << 23) | ((mantissa & 0x3ff) << 13);
-  }
-  float value;
-  std::memcpy(&value, &bits, sizeof(value));
-  return value;
-}
 
 // ---- dequantizing one row of W into floats ---------------------------------------
 

@@ -296,7 +296,11 @@ def attend(
     reference = functools.partial(_reference_attention, kv_length=kv_length)
     kernel = functools.partial(_kernel_attention, kv_length=kv_length)
     allowed = (
-        use_kernel and length == 1 and q.dtype == k_cache.dtype == v_cache.dtype == jnp.float32
+        use_kernel
+        and length == 1
+        and q.dtype == jnp.float32
+        and k_cache.dtype == v_cache.dtype
+        and k_cache.dtype in (jnp.float32, jnp.float16)
     )
     out = cpu_kernels.call_or_reference(allowed, kernel, reference, *args)
     out = out.reshape(batch, kv_heads, groups, length, head_dim)

@@ -81,6 +81,12 @@ class Metrics:
                 [({}, engine.config.max_slots)],
             ),
             (
+                "foresight_kv_cache_bytes",
+                "gauge",
+                "Bytes of the preallocated KV cache (slots x positions, --kv-cache-dtype).",
+                [({}, engine.kv_cache_bytes())],
+            ),
+            (
                 "foresight_compilations_total",
                 "counter",
                 "Compilations the engine has triggered (flat after warm-up).",
