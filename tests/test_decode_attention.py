@@ -21,11 +21,11 @@ LAYERS, SLOTS, LENGTH = 3, 6, 40
 LAYER = 1  # the layer the tests attend over; the others must not be read
 
 
-def random_case(batch, heads, kv_heads, head_dim, seed=0, cache_dtype=np.float32):
+def random_case(batch, heads, kv_heads, head_dim, seed=0, cache_dtype=np.float32, length=LENGTH):
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((batch, 1, heads, head_dim)).astype(np.float32)
     # Keys scaled up so the softmax is far from uniform and its max matters.
-    shape = (LAYERS, SLOTS, kv_heads, LENGTH, head_dim)
+    shape = (LAYERS, SLOTS, kv_heads, length, head_dim)
     k = (3 * rng.standard_normal(shape)).astype(cache_dtype)
     v = rng.standard_normal(shape).astype(cache_dtype)
     return q, k, v
@@ -115,3 +115,25 @@ def test_a_float16_cache_moves_the_output_by_about_its_rounding():
     assert_close(got, expected)
     moved = np.abs(got - exact).max() / np.abs(exact).max()
     assert 0 < moved < 2e-3  # about 4e-4 seen; 2^-11 is 4.9e-4
+
+
+# The kernel splits a head's positions into pieces of 128 and merges their softmaxes.
+LONG = 520
+AROUND_PIECES = [0, 127, 128, 129, 300, 383, 384, LONG - 1, LONG + 7, -1]
+
+
+@pytest.mark.parametrize("cache_dtype", [np.float32, np.float16])
+def test_heads_read_in_pieces_agree_with_the_reference(cache_dtype):
+    batch = len(AROUND_PIECES)
+    q, k, v = random_case(batch, 9, 3, 64, seed=6, cache_dtype=cache_dtype, length=LONG)
+    rows = [b % SLOTS for b in range(batch)]
+    got, expected = both(q, k, v, AROUND_PIECES, rows=rows, kv_length=LONG)
+    assert_close(got, expected)
+
+
+def test_a_row_gets_the_same_bits_alone_and_in_any_batch():
+    q, k, v = random_case(4, 9, 3, 64, seed=7, cache_dtype=np.float16, length=LONG)
+    together, _ = both(q, k, v, [450, 12, 300, 129], rows=[3, 0, 1, 2], kv_length=LONG)
+    for b, (position, row) in enumerate([(450, 3), (12, 0), (300, 1), (129, 2)]):
+        alone, _ = both(q[b : b + 1], k, v, [position], rows=[row], kv_length=LONG)
+        np.testing.assert_array_equal(alone[0], together[b])

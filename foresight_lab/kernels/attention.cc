@@ -13,7 +13,15 @@
 // (rows x kv_length) out of it and then runs two small batched products and a masked
 // softmax over the whole window; at decode those are a few microseconds of arithmetic
 // behind tens of microseconds of copying and dispatch, per layer. This kernel reads
-// only the positions each row can see, in place, one (row, kv head) per task.
+// only the positions each row can see, in place.
+//
+// A task is one (row, kv head) and a piece of at most kPiece of its positions; a head
+// with several pieces merges their softmaxes (each piece's largest score and sum of
+// exponentials weigh its normalized output). Pieces keep the two cores busy at batch 1,
+// where SmolLM2's three kv heads made three tasks: one core ran two of them while the
+// other waited. The pieces of a row depend on its own position only, so its output is
+// the same in any batch; a row of at most kPiece positions is one piece, computed as
+// before the split.
 //
 // A float16 cache is converted to float32 as it is read (exactly; F16C converts eight
 // at a time), and everything after is float32: the same numbers as the reference,
@@ -53,6 +61,8 @@ struct Head {
   const T* k;      // [visible, D]
   const T* v;      // [visible, D]
   float* out;      // [G, D]
+  float* top;      // [G]: each query's largest score over these positions
+  float* total;    // [G]: each query's sum of exp(score - top)
   int64_t groups;
   int64_t visible;  // positions read
   bool uniform;     // none visible: equal weights, as the reference's masked softmax
@@ -73,6 +83,8 @@ void HeadScalar(const Head<T>& h, int64_t d, float* scores) {
     }
     float total = 0;
     for (int64_t s = 0; s < h.visible; ++s) total += (row[s] = std::exp(row[s] - top));
+    h.top[g] = top;
+    h.total[g] = total;
     float* out = h.out + g * d;
     std::fill(out, out + d, 0.0f);
     for (int64_t s = 0; s < h.visible; ++s) {
@@ -114,8 +126,8 @@ FL_AVX2 inline __m256 Exp(__m256 x) {
   return _mm256_mul_ps(e_r, _mm256_castsi256_ps(exponent));
 }
 
-// row[0..n) = exp(row - max(row)), returns their sum.
-FL_AVX2 float ExpShiftedAvx2(float* row, int64_t n) {
+// row[0..n) = exp(row - max(row)), returns their sum; *largest = max(row).
+FL_AVX2 float ExpShiftedAvx2(float* row, int64_t n, float* largest) {
   __m256 top8 = _mm256_set1_ps(-INFINITY);
   int64_t s = 0;
   for (; s + 8 <= n; s += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(row + s));
@@ -132,6 +144,7 @@ FL_AVX2 float ExpShiftedAvx2(float* row, int64_t n) {
   }
   float total = HorizontalSum(total8);
   for (; s < n; ++s) total += (row[s] = std::exp(row[s] - top));
+  *largest = top;
   return total;
 }
 
@@ -175,7 +188,8 @@ FL_AVX2 void HeadAvx2(const Head<T>& h, float* scores, float* values) {
   }
   for (int64_t g = 0; g < h.groups; ++g) {
     float* row = scores + g * h.visible;
-    const float sum = ExpShiftedAvx2(row, h.visible);
+    const float sum = ExpShiftedAvx2(row, h.visible, h.top + g);
+    h.total[g] = sum;
     const __m256 total = _mm256_set1_ps(sum);
     __m256 out[kVectors];
     for (auto& o : out) o = _mm256_setzero_ps();
@@ -209,31 +223,98 @@ void OneHead(const Head<T>& h, int64_t d, float* scratch) {
   HeadScalar(h, d, scratch);
 }
 
-// The heads of every row over a cache of T, shared out over XLA's threads.
+constexpr int64_t kPiece = 128;  // positions a task reads at most
+
+struct Piece {
+  int64_t row_head;  // b * kv_heads + kv head
+  int64_t cache_head;  // offset of its (cache row, kv head) in the layer
+  int64_t start, count;  // of the positions it reads
+  bool uniform;
+};
+
+// out[G, D] = the softmax-weighted merge of a head's pieces' outputs, each normalized
+// over its own positions.
+void MergePieces(int64_t pieces, int64_t groups, int64_t d, const float* partial,
+                 const float* top, const float* total, float* out) {
+  for (int64_t g = 0; g < groups; ++g) {
+    float largest = -INFINITY;
+    for (int64_t p = 0; p < pieces; ++p) largest = std::max(largest, top[p * groups + g]);
+    const auto weight_of = [&](int64_t p) {
+      return total[p * groups + g] * std::exp(top[p * groups + g] - largest);
+    };
+    float sum = 0;
+    for (int64_t p = 0; p < pieces; ++p) sum += weight_of(p);
+    float* o = out + g * d;
+    std::fill(o, o + d, 0.0f);
+    for (int64_t p = 0; p < pieces; ++p) {
+      const float weight = weight_of(p) / sum;
+      const float* part = partial + (p * groups + g) * d;
+      for (int64_t j = 0; j < d; ++j) o[j] += weight * part[j];
+    }
+  }
+}
+
+// The heads of every row over a cache of T, in pieces shared out over XLA's threads.
 template <typename T>
 void AttendRows(ffi::ThreadPool pool, const float* q, const T* k, const T* v,
                 const int32_t* position, const int32_t* row, float* out, int64_t batch,
                 int64_t kv_heads, int64_t groups, int64_t d, int64_t slots, int64_t length,
                 int64_t readable) {
-  ParallelFor(pool, batch * kv_heads, 1, [=](int64_t begin, int64_t end) {
+  // Each head's pieces, in order: pieces[first[i]..first[i + 1]) for row_head i.
+  thread_local std::vector<Piece> pieces;
+  thread_local std::vector<int64_t> first;
+  pieces.clear();
+  first.clear();
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t slot = std::clamp<int64_t>(row[b], 0, slots - 1);
+    const int64_t seen = std::min<int64_t>(static_cast<int64_t>(position[b]) + 1, readable);
+    const bool uniform = seen <= 0;
+    const int64_t visible = uniform ? readable : seen;
+    for (int64_t head = 0; head < kv_heads; ++head) {
+      first.push_back(static_cast<int64_t>(pieces.size()));
+      const int64_t cache_head = (slot * kv_heads + head) * length * d;
+      for (int64_t start = 0; start < visible; start += kPiece) {
+        pieces.push_back({b * kv_heads + head, cache_head, start,
+                          std::min(kPiece, visible - start), uniform});
+      }
+    }
+  }
+  first.push_back(static_cast<int64_t>(pieces.size()));
+  // A head of one piece writes its output in place; the others write here to be merged.
+  thread_local std::vector<float> partial, stats;
+  partial.resize(pieces.size() * groups * d);
+  stats.resize(2 * pieces.size() * groups);
+  const Piece* piece = pieces.data();
+  const int64_t* first_piece = first.data();
+  float* partial_out = partial.data();
+  float* top = stats.data();
+  float* total = top + pieces.size() * groups;
+  ParallelFor(pool, static_cast<int64_t>(pieces.size()), 1, [=](int64_t begin, int64_t end) {
     thread_local std::vector<float> scratch;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads;
-      const int64_t slot = std::clamp<int64_t>(row[b], 0, slots - 1);
-      const int64_t cache_head = (slot * kv_heads + task % kv_heads) * length * d;
-      const int64_t seen = std::min<int64_t>(static_cast<int64_t>(position[b]) + 1, readable);
-      const bool uniform = seen <= 0;
-      Head<T> head{q + task * groups * d,
-                   k + cache_head,
-                   v + cache_head,
-                   out + task * groups * d,
+    for (int64_t p = begin; p < end; ++p) {
+      const Piece& it = piece[p];
+      const bool alone = first_piece[it.row_head + 1] - first_piece[it.row_head] == 1;
+      const int64_t offset = it.cache_head + it.start * d;
+      Head<T> head{q + it.row_head * groups * d,
+                   k + offset,
+                   v + offset,
+                   alone ? out + it.row_head * groups * d : partial_out + p * groups * d,
+                   top + p * groups,
+                   total + p * groups,
                    groups,
-                   uniform ? readable : seen,
-                   uniform};
+                   it.count,
+                   it.uniform};
       scratch.resize((groups + (std::is_same_v<T, float> ? 0 : d)) * head.visible);
       OneHead(head, d, scratch.data());
     }
   });
+  for (int64_t i = 0; i < batch * kv_heads; ++i) {
+    const int64_t count = first[i + 1] - first[i];
+    if (count > 1) {
+      MergePieces(count, groups, d, partial_out + first[i] * groups * d, top + first[i] * groups,
+                  total + first[i] * groups, out + i * groups * d);
+    }
+  }
 }
 
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_cache,
