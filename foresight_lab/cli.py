@@ -60,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
         "--kv-cache-dtype",
         choices=KV_CACHE_DTYPES,
         default=EngineConfig.kv_cache_dtype,
-        help="element type of the KV cache (float16 halves its memory and the bytes "
-        "attention reads; float32 keeps keys and values exactly)",
+        help="element type of the KV cache (float16 halves its memory; float32 keeps "
+        "keys and values exactly as computed)",
     )
     serve.add_argument(
         "--warmup",

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from foresight_lab.models.config import ModelConfig
 from foresight_lab.models.decoder import Cache, empty_cache
 
-# The cache's element types: float16 halves the bytes that decode attention reads
-# (llama.cpp's default too); float32 keeps keys and values exactly as computed.
+# The cache's element types: float16 (llama.cpp's default too) halves the cache's
+# memory; float32 keeps keys and values exactly as computed.
 KV_CACHE_DTYPES = ("float16", "float32")
 
 

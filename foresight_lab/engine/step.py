@@ -78,7 +78,7 @@ class Steps:
     def __init__(
         self,
         model_config: ModelConfig,
-        cache_dtype: str = "float32",
+        cache_dtype: str,  # the engine cache's (EngineConfig.kv_cache_dtype)
         cache_sharding=None,
         counts_sharding=None,
         tokens_sharding=None,
