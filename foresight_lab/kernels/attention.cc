@@ -210,7 +210,8 @@ FL_AVX2 void HeadAvx2(const Head<T>& h, float* scores, float* values) {
 }
 #endif  // FL_X86
 
-// One head; `scratch` holds at least groups * visible + visible * d floats.
+// One head; `scratch` holds at least groups * visible floats (the scores), and for a
+// float16 cache visible * d more (the converted values).
 template <typename T>
 void OneHead(const Head<T>& h, int64_t d, float* scratch) {
 #ifdef FL_X86
