@@ -65,6 +65,22 @@ def test_the_cpu_kernel_agrees_with_the_float32_reference(kind, rows, shape):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("scale", [1e-20, 1e-3, 1e3, 1e20])
+def test_the_kernel_rounds_inputs_of_any_scale_and_blocks_of_zeros(kind, scale):
+    # Each block of 32 inputs gets a scale of its own: tiny and huge inputs keep their
+    # digits, and a block of zeros (or a row of them) gives no products.
+    w, dense = random_matrix(kind, 64, 128)
+    x = np.random.default_rng(2).standard_normal((3, 128)).astype(np.float32) * scale
+    x[0, 32:64] = 0  # a block of zeros
+    x[1, :32] = np.float32(scale) * (np.arange(32) - 15.5)  # many values on a half step
+    x[2] = 0
+    got = np.asarray(jax.jit(quantized.matmul)(x, w))
+    expected = x.astype(np.float64) @ dense.T.astype(np.float64)
+    assert np.abs(got - expected).max() <= KERNEL_TOLERANCE * np.abs(expected).max()
+    assert (got[2] == 0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_a_stacked_matrix_is_read_at_the_layer_asked_for(kind, use_kernel):
     layers = [random_matrix(kind, 40, 64, seed=layer) for layer in range(3)]

@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -148,6 +149,45 @@ FL_AVX2 inline void IntegersAvx2(const Q80Row& row, int64_t b, __m256i q[2]) {
   for (int p = 0; p < 2; ++p) {
     q[p] = _mm256_cvtepi8_epi16(
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(values + 16 * p)));
+  }
+}
+
+// Each of `blocks` blocks of 32 floats of x rounded to int16 with a scale of its own,
+// x ~ x16 * scale with |x16| <= 32767 (to nearest, ties to even), and the block's
+// float32 sum. A block with an infinity or NaN gets a NaN scale, so its products are
+// NaN, as the float32 product would be.
+FL_AVX2 void RoundBlocksAvx2(const float* x, int64_t blocks, int16_t* x16, float* scales,
+                             float* sums) {
+  constexpr float kLargest = 32767.0f;
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 largest_float = _mm256_set1_ps(std::numeric_limits<float>::max());
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* xb = x + b * kBlock;
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    int finite = 0xff;
+    for (int p = 0; p < 4; ++p) {
+      v[p] = _mm256_loadu_ps(xb + 8 * p);
+      const __m256 magnitude = _mm256_andnot_ps(sign, v[p]);
+      finite &= _mm256_movemask_ps(_mm256_cmp_ps(magnitude, largest_float, _CMP_LE_OQ));
+      amax = _mm256_max_ps(amax, magnitude);
+    }
+    sums[b] = HorizontalSum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+    __m128 half = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+    const float top = _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+    const bool ok = finite == 0xff;
+    scales[b] = ok ? top / kLargest : NAN;
+    const __m256 inverse = _mm256_set1_ps(ok && top > 0 ? kLargest / top : 0.0f);
+    __m256i q[4];
+    for (int p = 0; p < 4; ++p) q[p] = _mm256_cvtps_epi32(_mm256_mul_ps(v[p], inverse));
+    // The packs work within 128-bit lanes; the permutes put the values back in order.
+    const __m256i lo = _mm256_packs_epi32(q[0], q[1]);  // 0-3 8-11 | 4-7 12-15
+    const __m256i hi = _mm256_packs_epi32(q[2], q[3]);  // 16-19 24-27 | 20-23 28-31
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x16 + b * kBlock),
+                        _mm256_permute4x64_epi64(lo, 0xd8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x16 + b * kBlock + 16),
+                        _mm256_permute4x64_epi64(hi, 0xd8));
   }
 }
 
@@ -288,25 +328,10 @@ ffi::Error Matmul(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& x, int64_t
   auto x_scales = std::make_shared<std::vector<float>>();
 #ifdef FL_X86
   if (HasAvx2()) {
-    x_sums->assign(m * blocks, 0.0f);
+    x_sums->resize(m * blocks);
     x16->resize(m * k);
     x_scales->resize(m * blocks);
-    for (int64_t i = 0; i < m * blocks; ++i) {
-      const float* xb = x_data + i * kBlock;
-      float amax = 0;
-      bool finite = true;
-      for (int j = 0; j < kBlock; ++j) {
-        (*x_sums)[i] += xb[j];
-        amax = std::max(amax, std::fabs(xb[j]));
-        finite = finite && std::isfinite(xb[j]);
-      }
-      // A block with an infinity or NaN yields NaN, as the float32 product would.
-      const float inverse = finite && amax > 0 ? 32767.0f / amax : 0.0f;
-      (*x_scales)[i] = finite ? amax / 32767.0f : NAN;
-      for (int j = 0; j < kBlock; ++j) {
-        (*x16)[i * kBlock + j] = static_cast<int16_t>(std::lrintf(xb[j] * inverse));
-      }
-    }
+    RoundBlocksAvx2(x_data, m * blocks, x16->data(), x_scales->data(), x_sums->data());
   }
 #endif
   ParallelFor(pool, n, RowsPerTask(k), [=](int64_t begin, int64_t end) {
