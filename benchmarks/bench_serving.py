@@ -336,6 +336,7 @@ def bench_foresight(args, path, prompts: Prompts, work: Workload, logs: pathlib.
         + f"--port {port} --max-slots {args.max_slots}".split()
         + f"--max-cache-length {args.max_cache_length}".split()
         + f"--kv-cache-dtype {args.kv_cache_dtype}".split()
+        + f"--activation-bits {args.activation_bits}".split()
         + (["--warmup"] if warmup else []),
         f"http://127.0.0.1:{port}/openai",
         logs / "foresight-lab.log",
@@ -368,7 +369,7 @@ def bench_foresight(args, path, prompts: Prompts, work: Workload, logs: pathlib.
     result["wall_s"] = time.perf_counter() - started
     result["how"] = (
         f"HTTP, {args.max_slots} slots x {args.max_cache_length} tokens, "
-        f"{args.kv_cache_dtype} KV cache, "
+        f"{args.kv_cache_dtype} KV cache, {args.activation_bits}-bit activations, "
     ) + ("`serve --warmup`" if warmup else "warmed by one round of requests")
     result["system"] = "foresight-lab"
     return result
@@ -775,6 +776,13 @@ def main() -> None:
         choices=("float16", "float32"),
         default="float16",
         help="foresight-lab --kv-cache-dtype (llama.cpp's cache is float16)",
+    )
+    parser.add_argument(
+        "--activation-bits",
+        type=int,
+        choices=(16, 8),
+        default=16,
+        help="foresight-lab --activation-bits (llama.cpp rounds a Q4_1 matmul's inputs to 8 bits)",
     )
     parser.add_argument(
         "--threads",

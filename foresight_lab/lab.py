@@ -283,6 +283,7 @@ def load(
     max_slots: int = 8,
     max_cache_length: int = 2048,
     kv_cache_dtype: str = EngineConfig.kv_cache_dtype,
+    activation_bits: int = EngineConfig.activation_bits,
     progress: bool | None = None,
     warmup: bool = False,
     mesh=None,
@@ -298,11 +299,18 @@ def load(
     quantized: keep a GGUF's Q4_1 and Q8_0 weights in their blocks (about the file's
     size in memory); False dequantizes them to float32 (four to seven times larger,
     the reference the quantized path is tested against).
+    activation_bits: 16, or 8 to round each block of 32 inputs of a Q4_1 matmul to 8
+    bits in the CPU kernel, as llama.cpp does: decode about a quarter faster, logits
+    about 1e-3 of their scale from float32's instead of 2e-5, and greedy text that
+    parts from the float32 path sooner. GPU and TPU compute in float32 either way.
     """
     loaded = load_model(model, progress=progress, quantized=quantized)
     max_cache_length = min(max_cache_length, loaded.config.max_position_embeddings)
     config = EngineConfig(
-        max_slots=max_slots, max_cache_length=max_cache_length, kv_cache_dtype=kv_cache_dtype
+        max_slots=max_slots,
+        max_cache_length=max_cache_length,
+        kv_cache_dtype=kv_cache_dtype,
+        activation_bits=activation_bits,
     )
     lab = Lab(loaded, config, mesh)
     if warmup:

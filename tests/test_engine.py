@@ -387,6 +387,11 @@ def test_the_kv_cache_is_kept_in_its_configured_dtype(tiny_lab):
     assert tiny_lab.engine.kv_cache_bytes() == keys.nbytes + values.nbytes
 
 
+def test_an_unknown_activation_width_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="activation_bits must be one of 16, 8, not 4"):
+        EngineConfig(activation_bits=4)
+
+
 def test_an_unknown_kv_cache_dtype_is_refused_with_the_choices():
     with pytest.raises(
         ValueError, match="kv_cache_dtype must be one of float16, float32, not 'int8'"

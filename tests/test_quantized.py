@@ -6,6 +6,11 @@ scale of its own (error at most 1/65534 of the block's largest |x| per input) an
 the integer products exactly; over K up to 1536 that moves y by at most about 2e-5 of
 max |y| on these random matrices, so 1e-4 of max |y| is the bound (the float32 path
 without AVX2 is within float32 rounding, far inside it).
+
+With `activation_bits=8` (q4_1 only) each block of inputs is rounded to int8, as
+llama.cpp rounds it: each input moves by at most half a step, amax / 254 of its block,
+and the tests hold the result to that bound of the rounding (about 1e-3 of max |y| on
+these matrices).
 """
 
 import jax
@@ -80,6 +85,51 @@ def test_the_kernel_rounds_inputs_of_any_scale_and_blocks_of_zeros(kind, scale):
     assert (got[2] == 0).all()
 
 
+def with_8_bits(w: QuantizedMatrix) -> QuantizedMatrix:
+    return quantized.with_activation_bits({"w": w}, 8)["w"]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 13])
+@pytest.mark.parametrize("shape", [(1536, 576), (200, 1536), (7, 64)])
+def test_8_bit_activations_move_each_input_by_at_most_half_a_step(rows, shape):
+    w, dense = random_matrix("q4_1", *shape, seed=rows)
+    x = np.random.default_rng(rows).standard_normal((rows, shape[1])).astype(np.float32)
+    got = np.asarray(jax.jit(quantized.matmul)(x, with_8_bits(w)))
+    expected = x.astype(np.float64) @ dense.T.astype(np.float64)
+    # |x - rounded| <= amax / 254 for each input of a block, so the product moves by at
+    # most the sum over blocks of amax / 254 * sum |w| (plus float32's own rounding).
+    blocks = shape[1] // quantized.BLOCK
+    half_step = np.abs(x).reshape(rows, blocks, -1).max(axis=2) / 254  # [rows blocks]
+    weight_mass = np.abs(dense).reshape(shape[0], blocks, -1).sum(axis=2)  # [N blocks]
+    bound = half_step @ weight_mass.T + 1e-5 * np.abs(expected).max()
+    assert (np.abs(got - expected) <= bound).all()
+    # It is the rounding of 8 bits, not 16 (whose error is about 2e-5 of max |y|).
+    assert np.abs(got - expected).max() > 3 * KERNEL_TOLERANCE * np.abs(expected).max()
+
+
+def test_8_bit_activations_give_a_row_the_same_bits_alone_and_in_a_batch():
+    # 13 rows: groups of eight, four and one, each summed by code of its own.
+    w, _ = random_matrix("q4_1", 96, 576)
+    x = np.random.default_rng(4).standard_normal((13, 576)).astype(np.float32)
+    run = jax.jit(quantized.matmul)
+    together = np.asarray(run(x, with_8_bits(w)))
+    for i in range(13):
+        np.testing.assert_array_equal(np.asarray(run(x[i : i + 1], with_8_bits(w)))[0], together[i])
+
+
+def test_activation_bits_apply_to_q4_1_matrices_and_other_widths_are_refused():
+    q41, _ = random_matrix("q4_1", 8, 64)
+    q80, _ = random_matrix("q8_0", 8, 64)
+    params = quantized.with_activation_bits({"a": q41, "b": q80, "norm": np.ones(3)}, 8)
+    assert (params["a"].activation_bits, params["b"].activation_bits) == (8, 16)
+    x = jax.ShapeDtypeStruct((1, 64), jnp.float32)
+    lowered = jax.jit(quantized.matmul).lower(x, params["a"]).as_text()
+    assert f"@{quantized._TARGETS['q4_1', 8]}(" in lowered
+    assert f"@{quantized._TARGETS['q4_1', 16]}(" not in lowered
+    with pytest.raises(ValueError, match=r"activation_bits must be one of \(16, 8\), not 4"):
+        quantized.with_activation_bits(params, 4)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_a_stacked_matrix_is_read_at_the_layer_asked_for(kind, use_kernel):
@@ -102,7 +152,7 @@ def lowered_text(x_shape, w: QuantizedMatrix, use_kernel=True) -> str:
 
 def test_decode_sized_calls_use_the_kernel_and_prefill_sized_ones_the_reference():
     w, _ = random_matrix("q4_1", 64, 64)
-    target = quantized._TARGETS["q4_1"]
+    target = quantized._TARGETS["q4_1", 16]
     assert target in lowered_text((4, 1, 64), w)  # 4 rows: a decode step of 4 sequences
     assert target not in lowered_text((1, quantized.KERNEL_MAX_ROWS + 1, 64), w)
     assert target not in lowered_text((4, 1, 64), w, use_kernel=False)  # e.g. on a mesh

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from foresight_lab.models.config import ModelConfig
 from foresight_lab.models.decoder import Cache, empty_cache
+from foresight_lab.models.quantized import ACTIVATION_BITS
 
 # The cache's element types: float16 (llama.cpp's default too) halves the cache's
 # memory; float32 keeps keys and values exactly as computed.
@@ -42,6 +43,9 @@ class EngineConfig:
     max_queue: int = 256  # requests waiting for slots before submit() refuses more
     # Keys and values are stored as this; attention computes in float32 either way.
     kv_cache_dtype: str = "float16"
+    # The CPU kernel rounds each block of 32 inputs of a q4_1 matmul to this many bits:
+    # 8 (llama.cpp's rounding) makes decode faster and moves logits by about 1e-3.
+    activation_bits: int = 16
 
     def __post_init__(self):
         if self.max_slots < 1 or self.max_cache_length < 2:
@@ -50,6 +54,11 @@ class EngineConfig:
             raise ValueError(
                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                 f"not {self.kv_cache_dtype!r}"
+            )
+        if self.activation_bits not in ACTIVATION_BITS:
+            raise ValueError(
+                f"activation_bits must be one of {', '.join(map(str, ACTIVATION_BITS))}, "
+                f"not {self.activation_bits!r}"
             )
         if self.prefill_chunk > self.max_cache_length:
             object.__setattr__(self, "prefill_chunk", self.max_cache_length)

@@ -51,7 +51,7 @@ from foresight_lab.engine.sharding import cache_spec, shard_params
 from foresight_lab.engine.step import FROM_LAST_STEP, CompileCounter, Steps
 from foresight_lab.engine.text import CompletionText
 from foresight_lab.models.config import ModelConfig
-from foresight_lab.models.quantized import kernel_serves
+from foresight_lab.models.quantized import kernel_serves, with_activation_bits
 
 
 def _alternatives(options: SamplingOptions) -> int:
@@ -111,6 +111,7 @@ class Scheduler:
         self.eos_token_ids = set(eos_token_ids)
         self.mesh = mesh
         check_budget(model_config, config, devices=1 if mesh is None else mesh.size)
+        params = with_activation_bits(params, config.activation_bits)
         if mesh is None:
             self.params = jax.device_put(params)
             self._cache_sharding = self._counts_sharding = self._tokens_sharding = None

@@ -16,6 +16,7 @@ import jax
 
 # The XLA custom-call targets that the models call.
 Q4_1_MATMUL = "foresight_lab_q4_1_matmul"
+Q4_1_MATMUL_8 = "foresight_lab_q4_1_matmul_8"  # x rounded to 8 bits (activation_bits=8)
 Q8_0_MATMUL = "foresight_lab_q8_0_matmul"
 F32_MATMUL = "foresight_lab_f32_matmul"
 F32_MATMUL_TRANSPOSED = "foresight_lab_f32_matmul_transposed"
@@ -23,6 +24,7 @@ DECODE_ATTENTION = "foresight_lab_decode_attention"
 # Target -> the handler symbol exported by the library.
 TARGETS = {
     Q4_1_MATMUL: "FlQ41Matmul",
+    Q4_1_MATMUL_8: "FlQ41Matmul8",
     Q8_0_MATMUL: "FlQ80Matmul",
     F32_MATMUL: "FlF32Matmul",
     F32_MATMUL_TRANSPOSED: "FlF32MatmulTransposed",
