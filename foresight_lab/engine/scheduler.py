@@ -60,6 +60,30 @@ def _alternatives(options: SamplingOptions) -> int:
     return options.top_logprobs if options.logprobs else 0
 
 
+def _sampling_params(
+    rows: int, options: dict[int, SamplingOptions], vocab_size: int
+) -> SamplingParams:
+    """Sampling parameters of `rows` rows, numpy arrays of shape [rows]: row i samples
+    as options[i] says; a row without options is idle (greedy, nothing cut, no penalty,
+    no alternatives)."""
+    fields = {
+        "temperature": np.zeros(rows, np.float32),
+        "top_p": np.ones(rows, np.float32),
+        "top_k": np.zeros(rows, np.int32),
+        "min_p": np.zeros(rows, np.float32),
+        "presence_penalty": np.zeros(rows, np.float32),
+        "frequency_penalty": np.zeros(rows, np.float32),
+        "top_logprobs": np.zeros(rows, np.int32),
+    }
+    for row, o in options.items():
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"):
+            fields[name][row] = getattr(o, name)
+        # top_k beyond the vocabulary keeps everything, which is what 0 means.
+        fields["top_k"][row] = o.top_k if o.top_k < vocab_size else 0
+        fields["top_logprobs"][row] = _alternatives(o)
+    return SamplingParams(**fields)
+
+
 @dataclasses.dataclass
 class _Sequence:
     """One choice of one request, decoding in one slot."""
@@ -292,21 +316,7 @@ class Scheduler:
         tokens[0, : len(prompt_ids)] = prompt_ids
         positions = np.full((1, size), size, np.int32)
         positions[0, : len(prompt_ids)] = np.arange(len(prompt_ids))
-        o = options
-        params = SamplingParams(
-            *(
-                np.asarray([value], dtype)
-                for value, dtype in (
-                    (o.temperature, np.float32),
-                    (o.top_p, np.float32),
-                    (o.top_k if o.top_k < self.model_config.vocab_size else 0, np.int32),
-                    (o.min_p, np.float32),
-                    (0.0, np.float32),
-                    (0.0, np.float32),
-                    (0, np.int32),
-                )
-            )
-        )
+        params = _sampling_params(1, {0: options}, self.model_config.vocab_size)
         with self.compiles:
             logits = self.steps.next_token_logits(
                 self.params, tokens, positions, np.int32(len(prompt_ids) - 1)
@@ -458,30 +468,15 @@ class Scheduler:
         idle = self.config.max_cache_length
         tokens = np.zeros(rows, np.int32)
         positions = np.full(rows, idle, np.int32)
-        temperature = np.zeros(rows, np.float32)
-        top_p = np.ones(rows, np.float32)
-        top_k = np.zeros(rows, np.int32)
-        min_p = np.zeros(rows, np.float32)
-        presence = np.zeros(rows, np.float32)
-        frequency = np.zeros(rows, np.float32)
-        alternatives = np.zeros(rows, np.int32)
         seeds = np.zeros((rows, 2), np.uint32)
         choices = np.zeros(rows, np.int32)
         for s in sequences:
-            o = s.handle.options
             tokens[s.slot], positions[s.slot] = s.token, s.position
-            temperature[s.slot], top_p[s.slot] = o.temperature, o.top_p
-            # top_k beyond the vocabulary keeps everything, which is what 0 means.
-            top_k[s.slot] = o.top_k if o.top_k < self.model_config.vocab_size else 0
-            min_p[s.slot] = o.min_p
-            presence[s.slot], frequency[s.slot] = o.presence_penalty, o.frequency_penalty
-            alternatives[s.slot] = _alternatives(o)
             seed = s.handle.seed % 2**64
             seeds[s.slot] = (seed >> 32, seed & 0xFFFFFFFF)
             choices[s.slot] = s.index
-        sampling = SamplingParams(
-            temperature, top_p, top_k, min_p, presence, frequency, alternatives
-        )
+        options = {s.slot: s.handle.options for s in sequences}
+        sampling = _sampling_params(rows, options, self.model_config.vocab_size)
         return tokens, positions, sampling, seeds, choices
 
     def _dispatch_decode(self) -> _InFlight | None:
