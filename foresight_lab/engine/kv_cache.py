@@ -44,7 +44,7 @@ class EngineConfig:
     # Keys and values are stored as this; attention computes in float32 either way.
     kv_cache_dtype: str = "float16"
     # The CPU kernel rounds each block of 32 inputs of a q4_1 matmul to this many bits:
-    # 8 (llama.cpp's rounding) makes decode faster and moves logits by about 1e-3.
+    # 8 (llama.cpp's rounding) makes decode faster and less exact (see lab.load).
     activation_bits: int = 16
 
     def __post_init__(self):
