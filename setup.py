@@ -15,7 +15,11 @@ setup(
     ext_modules=[
         Extension(
             "foresight_lab._kernels",
-            sources=["foresight_lab/kernels/qmatmul.cc", "foresight_lab/kernels/attention.cc"],
+            sources=[
+                "foresight_lab/kernels/qmatmul.cc",
+                "foresight_lab/kernels/attention.cc",
+                "foresight_lab/kernels/zeros.cc",
+            ],
             depends=["foresight_lab/kernels/common.h"],
             include_dirs=[str(XLA_FFI_HEADERS)],
             language="c++",

@@ -1,6 +1,6 @@
 """The KV cache's size and the shape buckets every compiled function is built for.
 
-The cache is preallocated once: `max_slots` rows by `max_cache_length` positions,
+The cache is allocated once: `max_slots` rows by `max_cache_length` positions,
 keys and values for every layer. Calls read only a bucketed prefix of it, so a short
 conversation does not pay for the longest one, and the set of shapes (so of
 compilations) stays small and known.
@@ -9,13 +9,15 @@ compilations) stays small and known.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
 
+from foresight_lab.models import cpu_kernels
 from foresight_lab.models.config import ModelConfig
-from foresight_lab.models.decoder import Cache, empty_cache
+from foresight_lab.models.decoder import Cache, cache_shape
 from foresight_lab.models.quantized import ACTIVATION_BITS
 
 # The cache's element types: float16 (llama.cpp's default too) halves the cache's
@@ -118,4 +120,20 @@ def check_budget(model: ModelConfig, config: EngineConfig, devices: int = 1) -> 
 
 
 def allocate(model: ModelConfig, config: EngineConfig) -> Cache:
-    return empty_cache(model, config.max_slots, config.max_cache_length, config.kv_cache_dtype)
+    """The engine's KV cache, zeroed. On the CPU, with the kernels built, the OS holds a
+    page of it only once a position in that page is written (`kernels/zeros.cc`): the
+    budget is what the cache may grow to, and a server's memory follows what its
+    sequences hold. Elsewhere it is written with zeros, all of it at once."""
+    shape = cache_shape(model, config.max_slots, config.max_cache_length)
+    return _zeroed_pair(shape, config.kv_cache_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _zeroed_pair(shape: tuple[int, ...], dtype: str) -> Cache:
+    def kernel():
+        result = jax.ShapeDtypeStruct(shape, dtype)
+        return tuple(jax.ffi.ffi_call(cpu_kernels.ZEROS, (result, result))())
+
+    return cpu_kernels.call_or_reference(
+        True, kernel, lambda: (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    )

@@ -21,6 +21,7 @@ Q8_0_MATMUL = "foresight_lab_q8_0_matmul"
 F32_MATMUL = "foresight_lab_f32_matmul"
 F32_MATMUL_TRANSPOSED = "foresight_lab_f32_matmul_transposed"
 DECODE_ATTENTION = "foresight_lab_decode_attention"
+ZEROS = "foresight_lab_zeros"  # zeroed memory that is resident only once written
 # Target -> the handler symbol exported by the library.
 TARGETS = {
     Q4_1_MATMUL: "FlQ41Matmul",
@@ -29,6 +30,7 @@ TARGETS = {
     F32_MATMUL: "FlF32Matmul",
     F32_MATMUL_TRANSPOSED: "FlF32MatmulTransposed",
     DECODE_ATTENTION: "FlDecodeAttention",
+    ZEROS: "FlZeros",
 }
 _state: dict[str, bool] = {}
 

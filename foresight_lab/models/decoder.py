@@ -432,7 +432,12 @@ class Decoder(nn.Module):
         return logits.astype(jnp.float32), cache
 
 
+def cache_shape(config: ModelConfig, slots: int, length: int) -> tuple[int, ...]:
+    """The shape of the cache's keys, and of its values: ['L slots Hkv S D']."""
+    return (config.num_layers, slots, config.num_kv_heads, length, config.head_dim)
+
+
 def empty_cache(config: ModelConfig, slots: int, length: int, dtype=jnp.float32) -> Cache:
     """A zeroed cache of `slots` rows by `length` positions for every layer: (k, v)."""
-    shape = (config.num_layers, slots, config.num_kv_heads, length, config.head_dim)
+    shape = cache_shape(config, slots, length)
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
