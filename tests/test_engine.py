@@ -91,7 +91,7 @@ def test_a_prompt_prefilled_beside_another_writes_the_same_keys_and_values(tiny_
             tokens[row, : len(prompt)] = prompt
             positions[row, : len(prompt)] = np.arange(len(prompt))
         cache = allocate(scheduler.model_config, config)
-        cache = steps.prefill(
+        cache, _ = steps.prefill(
             scheduler.params, cache, tokens, positions, np.int32(slots), kv_length=64
         )
         return [np.asarray(part[:, slots[0]]) for part in cache]
@@ -311,6 +311,21 @@ def test_prompt_logprobs_score_each_prompt_token(tiny_lab):
     assert all(s.logprob <= 0 and len(s.top_logprobs) == 2 for s in scores[1:])
     # Scoring the prompt does not change what is generated.
     assert out.token_ids == tiny_lab.generate(PROMPT, temperature=0, max_tokens=3).token_ids
+
+
+def test_a_prompt_scored_for_its_logprobs_runs_the_shared_prefill(tiny_lab):
+    """No second compiled copy of the model: the chunk's hidden states from the prefill
+    every prompt runs go to the small prompt_logprobs function."""
+    with (
+        recording_calls(tiny_lab, "prefill") as prefills,
+        recording_calls(tiny_lab, "prompt_logprobs") as scorings,
+    ):
+        tiny_lab.generate(PROMPT, temperature=0, max_tokens=1, prompt_logprobs=1)
+    assert len(prefills) == len(scorings) == 1
+    _, hidden, targets = scorings[0]
+    assert hidden.shape == (*targets.shape, tiny_lab.model.config.hidden_size)
+    kinds = {shape[0] for shape in tiny_lab.engine._scheduler.shapes()}
+    assert kinds == {"prefill", "prompt_logprobs", "decode"}
 
 
 def test_prompt_logprobs_agree_with_the_decode_path(tiny_lab):

@@ -262,7 +262,8 @@ class Scheduler:
         return tokens <= self.config.prefill_chunk and kernel_serves(tokens) == kernel_serves(size)
 
     def shapes(self) -> list[tuple[str, int, int, int]]:
-        """Every (function, rows, tokens a row, attended cache length) that can run."""
+        """Every (function, rows, tokens a row, attended cache length) that can run;
+        prompt_logprobs reads no cache (length 0)."""
         c = self.config
         chunks = {chunk for n in range(1, c.max_cache_length) for chunk in self._prefill_plan(n)}
         alone = {(1, size, kv) for _, size, kv in chunks}
@@ -276,7 +277,7 @@ class Scheduler:
         decode = {(b, 1, kv) for b in c.batch_buckets for kv in self.decode_cache_buckets}
         return [
             *(("prefill", *shape) for shape in sorted(alone | shared)),
-            *(("prefill_logprobs", *shape) for shape in sorted(alone)),
+            *(("prompt_logprobs", 1, size, 0) for size in sorted({size for _, size, _ in alone})),
             *(("decode", *shape) for shape in sorted(decode)),
         ]
 
@@ -294,9 +295,11 @@ class Scheduler:
                 s.prefill.lower(*args, kv_length=kv_length).compile()
                 s.copy_row.lower(self.cache, np.int32(0), np.int32(0)).compile()
                 s.clear_counts.lower(self.counts, np.int32(0)).compile()
-            elif kind == "prefill_logprobs":
-                args = (self.params, self.cache, zeros, idle, slots, zeros)
-                s.prefill_with_logprobs.lower(*args, kv_length=kv_length).compile()
+            elif kind == "prompt_logprobs":
+                hidden = jax.ShapeDtypeStruct(
+                    (rows, size, self.model_config.hidden_size), jnp.float32
+                )
+                s.prompt_logprobs.lower(self.params, hidden, zeros).compile()
             else:
                 args = (self.params, self.cache, self.counts, self.last_tokens)
                 inputs = self._decode_inputs([], rows)
@@ -420,19 +423,17 @@ class Scheduler:
             tokens[row, : len(piece)] = piece
             positions[row, : len(piece)] = np.arange(start, start + len(piece))
             slots[row] = job.slots[0]
+        self.cache, hidden = self.steps.prefill(
+            self.params, self.cache, tokens, positions, slots, kv_length=kv_length
+        )
         if jobs[0].logprobs is None:
-            self.cache = self.steps.prefill(
-                self.params, self.cache, tokens, positions, slots, kv_length=kv_length
-            )
             return
         # A prompt that wants its logprobs is prefilled alone (`_sharing_call`).
         [job], [(start, _, _)], [piece] = jobs, chunks, pieces
         following = job.handle.prompt_ids[start + 1 : start + 1 + len(piece)]
         targets = np.zeros((1, width), np.int32)
         targets[0, : len(following)] = following
-        self.cache, chosen, top_tokens, top_values = self.steps.prefill_with_logprobs(
-            self.params, self.cache, tokens, positions, slots, targets, kv_length=kv_length
-        )
+        chosen, top_tokens, top_values = self.steps.prompt_logprobs(self.params, hidden, targets)
         chosen, top_tokens, top_values = map(np.asarray, (chosen, top_tokens, top_values))
         k = job.handle.options.prompt_logprobs
         job.logprobs.extend(

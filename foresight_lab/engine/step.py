@@ -26,7 +26,13 @@ from foresight_lab.engine.sampler import (
 )
 from foresight_lab.models import cpu_kernels
 from foresight_lab.models.config import ModelConfig
-from foresight_lab.models.decoder import Cache, Decoder, cache_length, empty_cache
+from foresight_lab.models.decoder import (
+    Cache,
+    Decoder,
+    cache_length,
+    empty_cache,
+    output_logits,
+)
 
 # A decode row's input token that is the one its slot sampled in the previous step,
 # still on the device (the scheduler has not read it back yet).
@@ -101,9 +107,7 @@ class Steps:
             donate_argnames=("cache", "counts", "last_tokens"),
         )
         self.copy_row = jax.jit(_copy_row, donate_argnames="cache")
-        self.prefill_with_logprobs = jax.jit(
-            self._prefill_with_logprobs, static_argnames="kv_length", donate_argnames="cache"
-        )
+        self.prompt_logprobs = jax.jit(self._prompt_logprobs)
         self.clear_counts = jax.jit(_clear_row, donate_argnames="counts")
         self.next_token_logits = jax.jit(self._next_token_logits)
         self.sampling_distribution = jax.jit(sampling_distribution)
@@ -116,34 +120,32 @@ class Steps:
         positions: jax.Array,  # Int['R P'], padding at >= cache length
         rows: jax.Array,  # Int['R'], the slot each row is written to
         kv_length: int,
-    ) -> Cache:
-        _, cache = self.model.apply(
+    ) -> tuple[Cache, jax.Array]:
+        """The cache with the chunk written, and the chunk's final hidden states,
+        Float['R P E'], for `prompt_logprobs` (a prompt that asks for its logprobs)."""
+        hidden, cache = self.model.apply(
             {"params": params}, tokens, positions, cache, rows, kv_length, return_logits=False
         )
-        return self._pin_cache(cache)
+        return self._pin_cache(cache), hidden
 
     def _pin_cache(self, cache: Cache) -> Cache:
         if self._cache_sharding is None:
             return cache
         return jax.lax.with_sharding_constraint(cache, self._cache_sharding)
 
-    def _prefill_with_logprobs(
+    def _prompt_logprobs(
         self,
         params,
-        cache: Cache,
-        tokens: jax.Array,  # Int['1 P']
-        positions: jax.Array,  # Int['1 P']
-        rows: jax.Array,  # Int['1'], the slot
+        hidden: jax.Array,  # Float['1 P E'], a prefilled chunk's final hidden states
         targets: jax.Array,  # Int['1 P'], the token that follows each one
-        kv_length: int,
-    ) -> tuple[Cache, jax.Array, jax.Array, jax.Array]:
-        """Prefill that also returns each target's logprob, Float['1 P'], and the top
-        alternatives, Int['1 P K'] and Float['1 P K'] (for echo with logprobs)."""
-        logits, cache = self.model.apply(
-            {"params": params}, tokens, positions, cache, rows, kv_length
-        )
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Each target's logprob, Float['1 P'], and the top alternatives, Int['1 P K'] and
+        Float['1 P K'] (echo with logprobs). Apart from prefill, which every prompt runs,
+        so that a prompt's logprobs add only this small function to the compiled shapes,
+        not a second copy of the model."""
+        logits = output_logits(self.model, params, hidden)
         top_tokens, top_values = top_logprobs(logits)
-        return self._pin_cache(cache), token_logprobs(logits, targets), top_tokens, top_values
+        return token_logprobs(logits, targets), top_tokens, top_values
 
     def _next_token_logits(
         self,

@@ -404,7 +404,9 @@ class Decoder(nn.Module):
         rows: jax.Array | None = None,  # Int['B'], each batch row's cache row
         kv_length: int | None = None,
         return_logits: bool = True,
-    ) -> tuple[jax.Array | None, Cache]:
+    ) -> tuple[jax.Array, Cache]:
+        """(logits, Float['B T V'], or with return_logits=False the final hidden states,
+        Float['B T E'], which `output_logits` turns into the same logits; the cache)."""
         c = self.config
         kv_length = kv_length or cache_length(cache)
         embed = Embed(c.vocab_size, c.hidden_size, self.cpu_kernel, name="embed")
@@ -422,14 +424,27 @@ class Decoder(nn.Module):
             positions,
             None if rows is None else jnp.asarray(rows, jnp.int32),
         )
-        if not return_logits:
-            return None, cache
         x = RMSNorm(c.rms_norm_eps, name="final_norm")(x)
+        if not return_logits:
+            return x, cache
         if c.tie_word_embeddings:
             logits = embed.attend(x)
         else:
             logits = Linear(c.vocab_size, cpu_kernel=self.cpu_kernel, name="lm_head")(x)
         return logits.astype(jnp.float32), cache
+
+
+def output_logits(model: Decoder, params, hidden: jax.Array) -> jax.Array:
+    """The logits, Float['... V'], of final hidden states, Float['... E'] (what `model`
+    returns with return_logits=False), through its own output layer."""
+    c = model.config
+    if c.tie_word_embeddings:
+        embed = Embed(c.vocab_size, c.hidden_size, model.cpu_kernel)
+        logits = embed.apply({"params": params["embed"]}, hidden, method=Embed.attend)
+    else:
+        lm_head = Linear(c.vocab_size, cpu_kernel=model.cpu_kernel)
+        logits = lm_head.apply({"params": params["lm_head"]}, hidden)
+    return logits.astype(jnp.float32)
 
 
 def cache_shape(config: ModelConfig, slots: int, length: int) -> tuple[int, ...]:
