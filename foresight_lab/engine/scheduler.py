@@ -275,10 +275,13 @@ class Scheduler:
             if rows > 1 and self._can_share(rows, size, size)
         }
         decode = {(b, 1, kv) for b in c.batch_buckets for kv in self.decode_cache_buckets}
+        # Decode first: compiling a decode step takes 90 to 130 MB more while it runs
+        # (SmolLM2), a prefill 30 to 50, and each compiled shape stays resident, so the
+        # largest come while the least is held.
         return [
+            *(("decode", *shape) for shape in sorted(decode)),
             *(("prefill", *shape) for shape in sorted(alone | shared)),
             *(("prompt_logprobs", 1, size, 0) for size in sorted({size for _, size, _ in alone})),
-            *(("decode", *shape) for shape in sorted(decode)),
         ]
 
     def compile_shape(self, kind: str, rows: int, size: int, kv_length: int) -> None:
