@@ -83,7 +83,7 @@ class Metrics:
             (
                 "foresight_kv_cache_bytes",
                 "gauge",
-                "Bytes of the preallocated KV cache (slots x positions, --kv-cache-dtype).",
+                "Bytes the KV cache is allocated at (slots x positions, --kv-cache-dtype).",
                 [({}, engine.kv_cache_bytes())],
             ),
             (
