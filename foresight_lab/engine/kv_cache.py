@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from foresight_lab.models import cpu_kernels
 from foresight_lab.models.config import ModelConfig
-from foresight_lab.models.decoder import Cache, cache_shape
+from foresight_lab.models.decoder import Cache, cache_shape, empty_cache
 from foresight_lab.models.quantized import ACTIVATION_BITS
 
 # The cache's element types: float16 (llama.cpp's default too) halves the cache's
@@ -124,16 +124,15 @@ def allocate(model: ModelConfig, config: EngineConfig) -> Cache:
     page of it only once a position in that page is written (`kernels/zeros.cc`): the
     budget is what the cache may grow to, and a server's memory follows what its
     sequences hold. Elsewhere it is written with zeros, all of it at once."""
-    shape = cache_shape(model, config.max_slots, config.max_cache_length)
-    return _zeroed_pair(shape, config.kv_cache_dtype)
+    return _allocate(model, config.max_slots, config.max_cache_length, config.kv_cache_dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _zeroed_pair(shape: tuple[int, ...], dtype: str) -> Cache:
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _allocate(model: ModelConfig, slots: int, length: int, dtype: str) -> Cache:
     def kernel():
-        result = jax.ShapeDtypeStruct(shape, dtype)
+        result = jax.ShapeDtypeStruct(cache_shape(model, slots, length), dtype)
         return tuple(jax.ffi.ffi_call(cpu_kernels.ZEROS, (result, result))())
 
     return cpu_kernels.call_or_reference(
-        True, kernel, lambda: (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        True, kernel, lambda: empty_cache(model, slots, length, dtype)
     )
