@@ -129,16 +129,20 @@ def _serve(args) -> int:
     import threading
 
     import foresight_lab as fl
+    from foresight_lab.engine.engine import unmap_large_buffers_when_freed
     from foresight_lab.server import serve
 
+    unmap_large_buffers_when_freed()
     lab = fl.load(
         args.model,
         max_slots=args.max_slots,
         max_cache_length=args.max_cache_length,
         kv_cache_dtype=args.kv_cache_dtype,
         activation_bits=args.activation_bits,
-        warmup=args.warmup,
     )
+    if args.warmup:
+        # This process only serves: nothing will be traced again after the warm-up.
+        lab.warmup(clear_jax_caches=True)
     try:
         server = serve(
             lab.engine,

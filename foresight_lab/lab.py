@@ -229,9 +229,10 @@ class Lab:
         model, sampling = self.engine.next_token_distribution(prompt_ids, options)
         return NextTokenDistribution(model, sampling, self.tokenizer)
 
-    def warmup(self, progress: bool | None = None) -> Lab:
-        """Compiles every shape the engine can run, so later calls never wait to compile."""
-        self.engine.warmup(progress=progress)
+    def warmup(self, progress: bool | None = None, clear_jax_caches: bool = False) -> Lab:
+        """Compiles every shape the engine can run, so later calls never wait to compile
+        (`Engine.warmup`; clear_jax_caches is for a process that only serves)."""
+        self.engine.warmup(progress=progress, clear_jax_caches=clear_jax_caches)
         return self
 
 

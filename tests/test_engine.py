@@ -208,10 +208,18 @@ def test_warming_up_while_requests_run_leaves_their_tokens_alone(tiny_lab):
         temperature=0.9, seed=5, frequency_penalty=1.5, presence_penalty=0.5, max_tokens=240
     )
     alone = tiny_lab.generate(PROMPT, **sampling)
-    handles = [tiny_lab.engine.submit(PROMPT, options(**sampling)) for _ in range(3)]
-    tiny_lab.warmup(progress=False)
-    assert tiny_lab.engine.active_slots, "the requests ended before the warm-up did"
-    assert [h.result().token_ids for h in handles] == [alone.token_ids] * 3
+    # A new engine of the same model: the shared one keeps the shapes it has compiled,
+    # and warming it up again has nothing to do.
+    lab = Lab(tiny_lab.model, tiny_lab.engine.config)
+    try:
+        handles = [lab.engine.submit(PROMPT, options(**sampling)) for _ in range(3)]
+        while not lab.engine.active_slots:
+            time.sleep(0.001)
+        lab.warmup(progress=False)
+        assert lab.engine.active_slots, "the requests ended before the warm-up did"
+        assert [h.result().token_ids for h in handles] == [alone.token_ids] * 3
+    finally:
+        lab.engine.shutdown()
 
 
 def test_warmup_compiles_without_running_a_step(tiny_lab):
@@ -223,6 +231,24 @@ def test_warmup_compiles_without_running_a_step(tiny_lab):
     after = [scheduler.cache, scheduler.counts, scheduler.last_tokens]
     assert all(a is b for a, b in zip(after, state, strict=True))
     assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(after))
+
+
+def test_warmed_shapes_run_the_executables_kept_by_the_engine(tiny_lab, monkeypatch):
+    """Warm-up keeps each shape's executable, so a request of any kind runs without the
+    jitted functions (or JAX's caches, which a serving process clears after warm-up)."""
+    steps = tiny_lab.engine._scheduler.steps
+    names = ["prefill", "decode", "copy_row", "clear_counts", "prompt_logprobs"]
+    for name in names:
+
+        def refuse(*args, name=name, **kwargs):
+            raise AssertionError(f"{name} reached jax.jit: its shape was not kept")
+
+        monkeypatch.setattr(getattr(steps, name), "jitted", refuse)
+    out = tiny_lab.generate(
+        LONG_PROMPT, temperature=0.7, seed=3, n=2, max_tokens=5, prompt_logprobs=2
+    )
+    assert [len(c.token_ids) for c in out.choices] == [5, 5]
+    assert len(out.prompt_logprobs) == len(LONG_PROMPT)
 
 
 def test_max_tokens_dispatches_no_step_past_the_last_token(tiny_lab):
@@ -480,7 +506,7 @@ def test_a_decode_step_reads_the_stacked_layers_in_place(tiny_lab):
     weights = [a for a in jax.tree.leaves(scheduler.params["layers"]) if a.ndim == 3]
     layers, slots, kv_heads, length, head_dim = scheduler.cache[0].shape
     one_layer = {(1, *a.shape[1:]) for a in weights} | {(1, rows, kv_heads, kv_length, head_dim)}
-    lowered = scheduler.steps.decode.lower(
+    lowered = scheduler.steps.decode.jitted.lower(
         scheduler.params,
         scheduler.cache,
         scheduler.counts,

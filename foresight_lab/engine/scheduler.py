@@ -295,18 +295,18 @@ class Scheduler:
         with self._device, self.compiles:
             if kind == "prefill":
                 args = (self.params, self.cache, zeros, idle, slots)
-                s.prefill.lower(*args, kv_length=kv_length).compile()
-                s.copy_row.lower(self.cache, np.int32(0), np.int32(0)).compile()
-                s.clear_counts.lower(self.counts, np.int32(0)).compile()
+                s.prefill.compile(*args, kv_length=kv_length)
+                s.copy_row.compile(self.cache, np.int32(0), np.int32(0))
+                s.clear_counts.compile(self.counts, np.int32(0))
             elif kind == "prompt_logprobs":
                 hidden = jax.ShapeDtypeStruct(
                     (rows, size, self.model_config.hidden_size), jnp.float32
                 )
-                s.prompt_logprobs.lower(self.params, hidden, zeros).compile()
+                s.prompt_logprobs.compile(self.params, hidden, zeros)
             else:
                 args = (self.params, self.cache, self.counts, self.last_tokens)
                 inputs = self._decode_inputs([], rows)
-                s.decode.lower(*args, *inputs, kv_length=kv_length).compile()
+                s.decode.compile(*args, *inputs, kv_length=kv_length)
 
     def next_token_distribution(self, prompt_ids: list[int], options: SamplingOptions):
         """(model probabilities, sampling probabilities), each Float['V'] as numpy, of the

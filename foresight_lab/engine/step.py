@@ -1,8 +1,9 @@
 """The jitted functions the scheduler calls: prefill, copy a row, decode one step.
 
 Each is compiled once per shape bucket (batch rows, prompt chunk, attended cache
-length); sampling parameters, seeds and positions are traced arrays. The cache is
-donated, so XLA updates it in place instead of copying it every token.
+length), at warm-up, and the engine keeps the executables (`Precompiled`); sampling
+parameters, seeds and positions are traced arrays. The cache is donated, so XLA
+updates it in place instead of copying it every token.
 
 The decode state also keeps each slot's last sampled token on the device, so the
 scheduler can dispatch the next step before it has read this one's tokens back.
@@ -78,6 +79,39 @@ class CompileCounter:
         return self.count[0]
 
 
+class Precompiled:
+    """A jitted function and the executables compiled ahead of time for it, one per
+    shape of its arguments.
+
+    A call whose arguments have a compiled shape runs that executable; any other runs
+    the jitted function, which compiles on first use. Holding the executables here,
+    not only in JAX's caches, lets a process that will trace nothing more clear those
+    caches (`jax.clear_caches()`: the traced programs, their lowered modules and the
+    jit dispatch tables) without losing a compiled shape.
+    """
+
+    def __init__(self, fun, **jit_options):
+        self.jitted = jax.jit(fun, **jit_options)
+        self._executables: dict[tuple, jax.stages.Compiled] = {}
+
+    def compile(self, *args, **static) -> None:
+        """Compiles for arguments like these (arrays or jax.ShapeDtypeStruct)."""
+        key = _shape_key(args, static)
+        if key not in self._executables:
+            self._executables[key] = self.jitted.lower(*args, **static).compile()
+
+    def __call__(self, *args, **static):
+        executable = self._executables.get(_shape_key(args, static))
+        if executable is None:
+            return self.jitted(*args, **static)
+        return executable(*args)
+
+
+def _shape_key(args, static) -> tuple:
+    leaves, tree = jax.tree.flatten(args)
+    return tree, tuple((leaf.shape, leaf.dtype) for leaf in leaves), tuple(sorted(static.items()))
+
+
 class Steps:
     """The compiled model functions of one engine."""
 
@@ -100,15 +134,17 @@ class Steps:
         self._cache_sharding = cache_sharding
         self._counts_sharding = counts_sharding
         self._tokens_sharding = tokens_sharding
-        self.prefill = jax.jit(self._prefill, static_argnames="kv_length", donate_argnames="cache")
-        self.decode = jax.jit(
+        self.prefill = Precompiled(
+            self._prefill, static_argnames="kv_length", donate_argnames="cache"
+        )
+        self.decode = Precompiled(
             self._decode,
             static_argnames="kv_length",
             donate_argnames=("cache", "counts", "last_tokens"),
         )
-        self.copy_row = jax.jit(_copy_row, donate_argnames="cache")
-        self.prompt_logprobs = jax.jit(self._prompt_logprobs)
-        self.clear_counts = jax.jit(_clear_row, donate_argnames="counts")
+        self.copy_row = Precompiled(_copy_row, donate_argnames="cache")
+        self.prompt_logprobs = Precompiled(self._prompt_logprobs)
+        self.clear_counts = Precompiled(_clear_row, donate_argnames="counts")
         self.next_token_logits = jax.jit(self._next_token_logits)
         self.sampling_distribution = jax.jit(sampling_distribution)
 
