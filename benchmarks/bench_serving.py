@@ -699,10 +699,28 @@ def plot(rows: list[dict], work: Workload, png: pathlib.Path, title: str) -> Non
     plt.close(figure)
 
 
+# Vector extensions that decide how fast each system's kernels can be, as /proc/cpuinfo
+# names them.
+CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
 def machine() -> str:
+    """The CPU (its name, family and model, the vector extensions that matter here), the
+    cores and the memory: figures from different CPUs are not comparable."""
     cpu = platform.machine()
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
-        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        fields = {}
+        for line in f:
+            if not line.strip():
+                break  # the first processor's fields are enough
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+        flags = set(fields.get("flags", "").split())
+        features = " ".join(name for name in CPU_FEATURES if name in flags) or "no AVX2"
+        cpu = (
+            f"{fields.get('model name', cpu)} (family {fields.get('cpu family', '?')}, "
+            f"model {fields.get('model', '?')}; {features})"
+        )
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB"
 
