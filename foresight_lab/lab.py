@@ -230,8 +230,10 @@ class Lab:
         return NextTokenDistribution(model, sampling, self.tokenizer)
 
     def warmup(self, progress: bool | None = None, clear_jax_caches: bool = False) -> Lab:
-        """Compiles every shape the engine can run, so later calls never wait to compile
-        (`Engine.warmup`; clear_jax_caches is for a process that only serves)."""
+        """Compiles every shape that generation can run (prefill, decode, a prompt's
+        logprobs), so no request waits to compile (`Engine.warmup`; clear_jax_caches is
+        for a process that only serves). `next_token_distribution` is not among them: it
+        compiles once for each prompt-length bucket it is first called with."""
         self.engine.warmup(progress=progress, clear_jax_caches=clear_jax_caches)
         return self
 
