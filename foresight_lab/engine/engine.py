@@ -8,7 +8,6 @@ handle.result()                             # or wait for the Completion
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 
 import jax
@@ -99,10 +98,8 @@ def unmap_large_buffers_when_freed(threshold_bytes: int = 16 << 20) -> bool:
     docs/performance.md, against 800 ms for the prefill). The trim threshold is set to
     twice it, as glibc's own rule would. The server's process calls this at start.
     """
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         return False
     # mallopt's parameters (malloc.h); it returns 1 on success.
     m_trim_threshold, m_mmap_threshold = -1, -3
@@ -115,5 +112,14 @@ def unmap_large_buffers_when_freed(threshold_bytes: int = 16 << 20) -> bool:
 def _return_freed_memory() -> None:
     """Hands the heap that compilation freed back to the OS (about 90 MB of resident
     memory for SmolLM2's shapes); glibc would keep it. Nothing happens elsewhere."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL(None).malloc_trim(0)
+    malloc_trim = _glibc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
+def _glibc_function(name: str):
+    """The C library's function `name`, or None where it has none (it is not glibc)."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
