@@ -129,7 +129,7 @@ def _serve(args) -> int:
     import threading
 
     import foresight_lab as fl
-    from foresight_lab.engine.engine import unmap_large_buffers_when_freed
+    from foresight_lab.engine.heap import unmap_large_buffers_when_freed
     from foresight_lab.server import serve
 
     unmap_large_buffers_when_freed()

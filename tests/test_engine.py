@@ -281,6 +281,23 @@ def test_a_cancelled_stream_frees_its_slot(tiny_lab):
     assert tiny_lab.engine.active_slots == 0
 
 
+def test_freed_memory_is_handed_back_when_the_engine_falls_idle_and_only_then(
+    tiny_lab, monkeypatch
+):
+    from foresight_lab.engine import heap
+
+    engine = tiny_lab.engine
+    seen = []  # (slots in use, requests waiting) at each hand-back
+    monkeypatch.setattr(
+        heap, "return_freed_memory", lambda: seen.append((engine.active_slots, engine.queue_depth))
+    )
+    run_concurrently(tiny_lab, [(PROMPT, options(n=3, temperature=0))] * 4)
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen and set(seen) == {(0, 0)}
+
+
 def test_requests_beyond_the_slots_wait_their_turn(tiny_lab):
     results = run_concurrently(tiny_lab, [(PROMPT, options(n=5, temperature=0))] * 3)
     assert all(len(r.choices) == 5 for r in results)

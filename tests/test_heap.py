@@ -11,7 +11,7 @@ import pytest
 # the process holds afterwards.
 SCRIPT = """
 import ctypes, sys, threading
-from foresight_lab.engine.engine import unmap_large_buffers_when_freed
+from foresight_lab.engine.heap import unmap_large_buffers_when_freed
 
 if sys.argv[1] == "unmapped":
     assert unmap_large_buffers_when_freed()

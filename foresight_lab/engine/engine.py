@@ -8,10 +8,9 @@ handle.result()                             # or wait for the Completion
 
 from __future__ import annotations
 
-import ctypes
-
 import jax
 
+from foresight_lab.engine.heap import return_freed_memory
 from foresight_lab.engine.kv_cache import EngineConfig
 from foresight_lab.engine.request import SamplingOptions
 from foresight_lab.engine.scheduler import RequestHandle, Scheduler
@@ -58,7 +57,7 @@ class Engine:
             self._scheduler.compile_shape(*shape)
         if clear_jax_caches:
             jax.clear_caches()
-        _return_freed_memory()
+        return_freed_memory()
 
     def next_token_distribution(self, prompt_ids: list[int], options: SamplingOptions):
         """(model, sampling) probabilities of the next token, numpy Float['V'] each: the
@@ -83,43 +82,3 @@ class Engine:
 
     def shutdown(self) -> None:
         self._scheduler.stop()
-
-
-def unmap_large_buffers_when_freed(threshold_bytes: int = 16 << 20) -> bool:
-    """Has glibc map every allocation of at least `threshold_bytes` on its own and unmap
-    it when freed, for the whole process; False where the C library is not glibc.
-
-    XLA allocates each call's temporaries as one buffer (31.6 MB for a 512-token prefill
-    chunk of SmolLM2), on whichever of its threads runs the call. Left to itself, glibc
-    raises its mapping threshold to the largest mapped block freed so far; from then on
-    such a buffer comes from the running thread's own arena and stays resident there
-    after it is freed, a copy a thread. A fixed threshold costs the page faults of
-    mapping each one afresh (about 12 ms for 32 MB on the machine of
-    docs/performance.md, against 800 ms for the prefill). The trim threshold is set to
-    twice it, as glibc's own rule would. The server's process calls this at start.
-    """
-    mallopt = _glibc_function("mallopt")
-    if mallopt is None:
-        return False
-    # mallopt's parameters (malloc.h); it returns 1 on success.
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(
-        mallopt(m_mmap_threshold, threshold_bytes)
-        and mallopt(m_trim_threshold, 2 * threshold_bytes)
-    )
-
-
-def _return_freed_memory() -> None:
-    """Hands the heap that compilation freed back to the OS (about 90 MB of resident
-    memory for SmolLM2's shapes); glibc would keep it. Nothing happens elsewhere."""
-    malloc_trim = _glibc_function("malloc_trim")
-    if malloc_trim is not None:
-        malloc_trim(0)
-
-
-def _glibc_function(name: str):
-    """The C library's function `name`, or None where it has none (it is not glibc)."""
-    try:
-        return getattr(ctypes.CDLL(None), name)
-    except (OSError, AttributeError):
-        return None

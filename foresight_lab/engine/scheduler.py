@@ -36,6 +36,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from foresight_lab.engine import heap
 from foresight_lab.engine.handle import DONE, EngineError, RequestHandle
 from foresight_lab.engine.kv_cache import EngineConfig, allocate, bucket, check_budget
 from foresight_lab.engine.request import (
@@ -336,7 +337,13 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopping or self._waiting or self.active_slots or self._in_flight):
+                idle = not self._has_work()
+            if idle:
+                # What the last requests' calls freed goes back to the OS before the
+                # engine waits, outside the lock so that submit() is not held up.
+                heap.return_freed_memory()
+            with self._wake:
+                while not self._has_work():
                     self._wake.wait()
                 if self._stopping:
                     self._fail_all(EngineError("the engine was stopped"))
@@ -355,6 +362,9 @@ class Scheduler:
                         self._read_back(previous)
             except Exception as error:  # never let one failure kill the engine
                 self._fail_all(error)
+
+    def _has_work(self) -> bool:
+        return bool(self._stopping or self._waiting or self.active_slots or self._in_flight)
 
     def _free_slots(self) -> list[int]:
         return [i for i, s in enumerate(self._slots) if s is None]
