@@ -64,15 +64,19 @@ def test_the_chat_template_is_the_models_own(smollm2_lab):
 
 
 def test_our_gguf_tokenizer_is_the_one_transformers_builds(smollm2_path):
-    """The tokenizer is built without transformers' PyTorch-based GGUF reader, and saved
-    in the cache; both must equal what transformers itself builds from the file."""
+    """The tokenizer is built without transformers' PyTorch-based GGUF reader, saved in
+    the cache and loaded from there without transformers; each must equal what
+    transformers itself builds from the file."""
     from foresight_lab.tokenizer import load_tokenizer, tokenizer_from_gguf
 
     reference = transformers.AutoTokenizer.from_pretrained(
         str(smollm2_path.parent), gguf_file=smollm2_path.name
     )
     load_tokenizer(smollm2_path)  # saves it, if no earlier load did
-    messages = [{"role": "user", "content": "Héllo 🙂, what is 2+2?"}]
+    messages = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Héllo 🙂, what is 2+2?"},
+    ]
     for tokenizer in (tokenizer_from_gguf(smollm2_path), load_tokenizer(smollm2_path)):
         assert tokenizer.backend_tokenizer.to_str() == reference.backend_tokenizer.to_str()
         for text in [
@@ -81,9 +85,13 @@ def test_our_gguf_tokenizer_is_the_one_transformers_builds(smollm2_path):
             "<|im_start|>user",
         ]:
             assert tokenizer.encode(text) == reference.encode(text)
-        assert tokenizer.apply_chat_template(messages, tokenize=False) == (
-            reference.apply_chat_template(messages, tokenize=False)
-        )
+            assert tokenizer.decode(reference.encode(text)) == text
+        for prompt in (False, True):
+            assert tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=prompt
+            ) == reference.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=prompt
+            )
         assert tokenizer.all_special_ids == reference.all_special_ids
         assert (tokenizer.eos_token_id, tokenizer.bos_token_id) == (
             reference.eos_token_id,
@@ -95,18 +103,26 @@ def test_our_gguf_tokenizer_is_the_one_transformers_builds(smollm2_path):
 def test_loading_imports_no_pytorch_and_leaves_the_file_unmapped(smollm2_path, tmp_path):
     """A server's memory: the GGUF's pages are not kept resident through a view of its
     memory map, and the tokenizer does not pull in PyTorch (installed here for tests),
-    neither when it is first built nor when its saved copy is loaded."""
+    neither when it is first built nor when its saved copy is loaded; loading the saved
+    copy, in a process of its own, does not import transformers either."""
     script = (
         "import sys\n"
         "from foresight_lab.weights.loader import load_model\n"
-        "for _ in range(2):\n"
+        "for _ in range(int(sys.argv[1])):\n"
         f"    model = load_model({str(smollm2_path)!r}, progress=False)\n"
         "assert 'torch' not in sys.modules, 'PyTorch was imported'\n"
         f"assert {smollm2_path.name!r} not in open('/proc/self/maps').read(), 'still mapped'\n"
+        "print('transformers' in sys.modules)\n"
     )
     env = {**os.environ, "FORESIGHT_LAB_CACHE": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    imported = []
+    for loads in ("2", "1"):  # builds and saves the tokenizer, then loads the saved copy
+        done = subprocess.run(
+            [sys.executable, "-c", script, loads], env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        imported.append(done.stdout.split()[-1])
+    assert imported == ["True", "False"]
 
 
 def test_streamed_pieces_never_split_a_character(smollm2_lab):

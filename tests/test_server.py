@@ -435,11 +435,11 @@ def start_cli(*args: str, timeout: float = 180):
 
 
 def test_the_cli_serves_a_model_directory_and_stops_on_ctrl_c(tmp_path):
-    from tests.tiny import tiny_hf_model, tiny_tokenizer
+    from tests.tiny import tiny_hf_model, tiny_hf_tokenizer
 
     directory = tmp_path / "tiny-qwen3"
     tiny_hf_model("qwen3").save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
+    tiny_hf_tokenizer().save_pretrained(directory)
     options = ["--api-key", KEY, "--max-cache-length", "128", "--max-slots", "2", "--warmup"]
     process, base_url, _ = start_cli(str(directory), *options, "--kv-cache-dtype", "float32")
     metrics_url = base_url.removesuffix("/openai") + "/metrics"

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
+from foresight_lab import tokenizer as ours
 from foresight_lab.engine.text import CompletionText, IncrementalDetokenizer, StopMatcher
 
 TRAINING_SENTENCES = [
@@ -34,7 +34,7 @@ def tokenizer():
         show_progress=False,
     )
     bpe.train_from_iterator(TRAINING_SENTENCES * 3, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|end|>")
+    return ours.Tokenizer(bpe, {"eos_token": "<|end|>"})
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def sentencepiece_tokenizer():
             decoders.Strip(" ", 1, 0),
         ]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=unigram, eos_token="</s>", unk_token="<unk>")
+    return ours.Tokenizer(unigram, {"eos_token": "</s>", "unk_token": "<unk>"})
 
 
 def byte_token_ids(tokenizer, text: str) -> list[int]:

@@ -6,6 +6,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from foresight_lab import tokenizer as ours
 from foresight_lab.models.config import ModelConfig
 from foresight_lab.weights.loader import LoadedModel
 from foresight_lab.weights.safetensors import params_from_state_dict
@@ -29,8 +30,8 @@ CONFIG_CLASSES = {
 }
 
 
-def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """A byte-level BPE with VOCAB_SIZE tokens and ChatML special tokens."""
+def tiny_hf_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A byte-level BPE with VOCAB_SIZE tokens and ChatML special tokens, as transformers'."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -46,6 +47,10 @@ def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
     tokenizer.chat_template = CHATML
     return tokenizer
+
+
+def tiny_tokenizer() -> ours.Tokenizer:
+    return ours.Tokenizer.from_transformers(tiny_hf_tokenizer())
 
 
 def tiny_hf_config(family: str = "llama", **overrides) -> transformers.PretrainedConfig:

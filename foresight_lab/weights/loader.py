@@ -9,7 +9,7 @@ import jax
 
 from foresight_lab.models.config import ModelConfig
 from foresight_lab.progress import progress_bar
-from foresight_lab.tokenizer import eos_token_ids, load_tokenizer
+from foresight_lab.tokenizer import Tokenizer, eos_token_ids, load_tokenizer
 from foresight_lab.weights import registry
 from foresight_lab.weights.gguf import count_tensors, read_gguf
 from foresight_lab.weights.safetensors import read_hf_directory
@@ -24,7 +24,7 @@ class LoadedModel:
     # The decoder's parameter pytree: float32 arrays (JAX arrays on a CPU backend, numpy
     # otherwise) and QuantizedMatrix blocks.
     params: dict
-    tokenizer: object  # a transformers tokenizer
+    tokenizer: Tokenizer
     eos_token_ids: frozenset[int]
     path: pathlib.Path | None = None
 
