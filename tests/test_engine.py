@@ -5,6 +5,7 @@ import re
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -369,6 +370,27 @@ def test_a_prompt_scored_for_its_logprobs_runs_the_shared_prefill(tiny_lab):
     assert hidden.shape == (*targets.shape, tiny_lab.model.config.hidden_size)
     kinds = {shape[0] for shape in tiny_lab.engine._scheduler.shapes()}
     assert kinds == {"prefill", "prompt_logprobs", "decode"}
+
+
+def test_prompt_logprobs_of_a_chunk_that_is_not_whole_blocks_are_every_positions(tiny_lab):
+    """The logits are formed a block of positions at a time; a chunk of 48 (a block and
+    a half) scores each position as the whole chunk's logits at once do."""
+    from foresight_lab.engine.sampler import token_logprobs, top_logprobs
+    from foresight_lab.engine.step import LOGPROB_ROWS
+    from foresight_lab.models.decoder import output_logits
+
+    steps, params = tiny_lab.engine._scheduler.steps, tiny_lab.engine._scheduler.params
+    length = LOGPROB_ROWS + LOGPROB_ROWS // 2
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((1, length, tiny_lab.model.config.hidden_size), np.float32)
+    targets = rng.integers(0, tiny_lab.model.config.vocab_size, (1, length), np.int32)
+    picked, top_tokens, top_values = steps.prompt_logprobs(params, hidden, targets)
+    logits = output_logits(steps.model, params, jnp.asarray(hidden))
+    expected_tokens, expected_values = top_logprobs(logits)
+    assert picked.shape == targets.shape and top_tokens.shape == expected_tokens.shape
+    np.testing.assert_allclose(picked, token_logprobs(logits, targets), atol=1e-4)
+    np.testing.assert_allclose(top_values, expected_values, atol=1e-4)
+    assert np.array_equal(top_tokens, expected_tokens)
 
 
 def test_prompt_logprobs_agree_with_the_decode_path(tiny_lab):

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -166,6 +167,21 @@ def test_a_binary_forecast_is_the_yes_no_odds_of_pytorchs_logits(
     assert len(yes) == len(no) == 1  # one token each in this vocabulary
     expected = probabilities[yes[0]] / (probabilities[yes[0]] + probabilities[no[0]])
     assert result.binary.probability == pytest.approx(float(expected), abs=tolerance)
+
+
+def test_scoring_a_long_prompt_forms_no_vocabulary_sized_temporaries(smollm2_lab):
+    """A 512-token chunk's logprobs (echo, forecast scoring): XLA's own count of the
+    temporaries stays under one [P, V] array of logits (100 MB here); the embedding is
+    never dequantized whole (108 MB)."""
+    import jax
+
+    scheduler = smollm2_lab.engine._scheduler
+    hidden = jax.ShapeDtypeStruct((1, 512, smollm2_lab.model.config.hidden_size), np.float32)
+    targets = jax.ShapeDtypeStruct((1, 512), np.int32)
+    compiled = scheduler.steps.prompt_logprobs.jitted.lower(
+        scheduler.params, hidden, targets
+    ).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 16 << 20
 
 
 @pytest.fixture(scope="module")

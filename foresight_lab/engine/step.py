@@ -34,6 +34,10 @@ from foresight_lab.models.decoder import (
     empty_cache,
     output_logits,
 )
+from foresight_lab.models.quantized import KERNEL_MAX_ROWS
+
+# Positions a prompt's logprobs form logits for at once (see Steps._prompt_logprobs).
+LOGPROB_ROWS = KERNEL_MAX_ROWS
 
 # A decode row's input token that is the one its slot sampled in the previous step,
 # still on the device (the scheduler has not read it back yet).
@@ -178,10 +182,25 @@ class Steps:
         """Each target's logprob, Float['1 P'], and the top alternatives, Int['1 P K'] and
         Float['1 P K'] (echo with logprobs). Apart from prefill, which every prompt runs,
         so that a prompt's logprobs add only this small function to the compiled shapes,
-        not a second copy of the model."""
-        logits = output_logits(self.model, params, hidden)
-        top_tokens, top_values = top_logprobs(logits)
-        return token_logprobs(logits, targets), top_tokens, top_values
+        not a second copy of the model.
+
+        The logits are formed LOGPROB_ROWS positions at a time, in a loop: few enough for
+        the CPU kernel, which reads the output layer in its blocks. All at once, a
+        512-token chunk's took 204 MB of temporaries with SmolLM2: its [P, V] logits, and
+        the whole embedding dequantized to float32 (108 MB) for the dot."""
+        _, length, width = hidden.shape
+        block = min(LOGPROB_ROWS, length)
+        pad = -length % block
+        hidden = jnp.pad(hidden[0], ((0, pad), (0, 0))).reshape(-1, block, width)
+        targets = jnp.pad(targets[0], (0, pad)).reshape(-1, block)
+
+        def one_block(inputs):  # Float['block E'], Int['block']
+            logits = output_logits(self.model, params, inputs[0])
+            top_tokens, top_values = top_logprobs(logits)
+            return token_logprobs(logits, inputs[1]), top_tokens, top_values
+
+        per_block = jax.lax.map(one_block, (hidden, targets))
+        return tuple(a.reshape(1, -1, *a.shape[2:])[:, :length] for a in per_block)
 
     def _next_token_logits(
         self,
@@ -190,11 +209,14 @@ class Steps:
         positions: jax.Array,  # Int['1 P']
         last: jax.Array,  # Int[], index of the prompt's last token
     ) -> jax.Array:
-        """Logits after a prompt, Float['V'], on a scratch cache (the engine's is untouched)."""
+        """Logits after a prompt, Float['V'], on a scratch cache (the engine's is untouched);
+        only the last position's go through the output layer."""
         length = tokens.shape[1]
         scratch = empty_cache(self.model.config, 1, length, self.cache_dtype)
-        logits, _ = self.model.apply({"params": params}, tokens, positions, scratch, None, length)
-        return logits[0, last]
+        hidden, _ = self.model.apply(
+            {"params": params}, tokens, positions, scratch, None, length, return_logits=False
+        )
+        return output_logits(self.model, params, hidden[0, last][None])[0]
 
     def _decode(
         self,
