@@ -748,13 +748,10 @@ def rss_budget_mb(args, path: pathlib.Path) -> float:
     """2x the GGUF file plus the KV cache the foresight-lab server preallocates."""
     from foresight_lab.engine.kv_cache import EngineConfig
     from foresight_lab.models.config import ModelConfig
-    from foresight_lab.weights.gguf import open_gguf, read_metadata
+    from foresight_lab.weights.gguf import read_header
 
-    reader = open_gguf(path)
-    names = {t.name for t in reader.tensors}
-    config = ModelConfig.from_gguf(
-        read_metadata(reader), has_output_weight="output.weight" in names
-    )
+    metadata, tensors, _ = read_header(path)
+    config = ModelConfig.from_gguf(metadata, has_output_weight="output.weight" in tensors)
     engine = EngineConfig(
         max_slots=args.max_slots,
         max_cache_length=args.max_cache_length,

@@ -8,7 +8,13 @@ from gguf import GGMLQuantizationType, GGUFWriter, quants
 from foresight_lab.models.config import ModelConfig, UnsupportedModelError
 from foresight_lab.models.decoder import Decoder, empty_cache, rope_frequencies
 from foresight_lab.models.quantized import QuantizedMatrix
-from foresight_lab.weights.gguf import NotAModelError, read_gguf
+from foresight_lab.weights.gguf import (
+    NotAModelError,
+    count_tensors,
+    open_gguf,
+    read_gguf,
+    read_header,
+)
 from foresight_lab.weights.name_maps import NAME_MAPS, undo_gguf_rope_permutation
 from tests.tiny import VOCAB_SIZE, tiny_hf_model
 
@@ -136,8 +142,41 @@ def test_rope_permutation_is_undone_exactly():
 def test_a_file_that_is_not_gguf_is_refused_with_a_clear_error(tmp_path):
     path = tmp_path / "notes.gguf"
     path.write_text("not a model")
+    for read in (read_gguf, count_tensors):
+        with pytest.raises(NotAModelError, match="not a readable GGUF file"):
+            read(path)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_header_reads_as_ggufs_own_reader_reads_it(tmp_path, family):
+    """Metadata (but the tokenizer's arrays), and each tensor's type, shape and data."""
+    hf_model = tiny_hf_model(family, tie_word_embeddings=False)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, hf_model, family, GGMLQuantizationType.Q8_0, {1: GGMLQuantizationType.Q4_1})
+    metadata, tensors, _ = read_header(path)
+    reader = open_gguf(path)
+    assert metadata == {
+        key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")
+    }
+    assert count_tensors(path) == len(tensors) == len(reader.tensors)
+    for expected in reader.tensors:
+        tensor = tensors[expected.name]
+        assert (tensor.tensor_type, list(tensor.shape)) == (
+            expected.tensor_type,
+            list(expected.shape),
+        )
+        assert (tensor.n_bytes, tensor.data_offset) == (expected.n_bytes, expected.data_offset)
+        assert tensor.data.dtype == expected.data.dtype
+        assert np.array_equal(tensor.data, expected.data)
+
+
+def test_a_truncated_header_is_refused_with_a_clear_error(tmp_path):
+    hf_model = tiny_hf_model("qwen2")
+    write_gguf(tmp_path / "m.gguf", hf_model, "qwen2")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes((tmp_path / "m.gguf").read_bytes()[:300])
     with pytest.raises(NotAModelError, match="not a readable GGUF file"):
-        read_gguf(path)
+        read_gguf(cut)
 
 
 def test_an_unsupported_architecture_names_the_supported_ones(tmp_path):

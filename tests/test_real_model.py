@@ -126,6 +126,39 @@ def test_loading_imports_no_pytorch_and_leaves_the_file_unmapped(smollm2_path, t
     assert imported == ["True", "False"]
 
 
+def test_the_header_skips_only_the_tokenizers_arrays(smollm2_path):
+    from foresight_lab.weights.gguf import open_gguf, read_header
+
+    metadata, tensors, _ = read_header(smollm2_path)
+    reader = open_gguf(smollm2_path)
+    fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    skipped = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"}
+    assert set(fields) - set(metadata) == skipped
+    assert metadata == {k: f.contents() for k, f in fields.items() if k not in skipped}
+    assert sorted(tensors) == sorted(t.name for t in reader.tensors)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_the_files_pages_are_handed_back_as_its_tensors_are_read(smollm2_path):
+    """Reading the weights keeps at most a few tensors' worth of the 98 MB file resident
+    at a time (each is copied out, then its pages are handed back)."""
+    script = (
+        "import re, sys\n"
+        "from foresight_lab.weights.gguf import read_gguf\n"
+        "def file_mb():\n"
+        "    status = open('/proc/self/status').read()\n"
+        "    return int(re.search(r'RssFile:\\s+(\\d+)', status).group(1)) / 1024\n"
+        "before, seen = file_mb(), []\n"
+        "read_gguf(sys.argv[1], on_tensor=lambda name: seen.append(file_mb()))\n"
+        "print(max(seen) - before)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(smollm2_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) < 30  # the largest tensor is 27 MB
+
+
 def test_streamed_pieces_never_split_a_character(smollm2_lab):
     """The reply's emoji spans several byte tokens; no piece may hold half of it."""
     messages = [{"role": "user", "content": "Write three emoji that describe happiness."}]
