@@ -39,8 +39,8 @@ def return_freed_memory() -> None:
 
     After a warm-up that is the heap compilation used, about 90 MB with SmolLM2's
     shapes; after requests, the temporaries of calls smaller than the mapping threshold
-    (15 to 20 MB across the benchmark's workloads). It takes a few milliseconds, so the
-    engine calls it when it falls idle, not between steps."""
+    (15 to 20 MB across the benchmark's workloads). It takes 4 to 25 ms on the machine of
+    docs/performance.md, so the engine calls it when it falls idle, not between steps."""
     malloc_trim = _glibc_function("malloc_trim")
     if malloc_trim is not None:
         malloc_trim(0)
