@@ -137,3 +137,30 @@ def test_a_row_gets_the_same_bits_alone_and_in_any_batch():
     for b, (position, row) in enumerate([(450, 3), (12, 0), (300, 1), (129, 2)]):
         alone, _ = both(q[b : b + 1], k, v, [position], rows=[row], kv_length=LONG)
         np.testing.assert_array_equal(alone[0], together[b])
+
+
+@pytest.mark.parametrize("rows", [None, [4, 1]])
+def test_a_long_chunks_attention_in_blocks_of_rows_is_the_whole_at_once(monkeypatch, rows):
+    """Prefill attends QUERY_BLOCK query rows at a time once a chunk has more; each row's
+    scores, softmax and sum are its own, so the blocks agree with the whole but for the
+    order XLA's dots sum in (about 3e-7 of max |out| seen)."""
+    from foresight_lab.models import decoder
+
+    batch, tokens, heads, kv_heads, head_dim = 2, 16, 4, 2, 8
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((batch, tokens, heads, head_dim)).astype(np.float32)
+    _, k, v = random_case(batch, heads, kv_heads, head_dim, seed=3)
+    positions = jnp.asarray(np.arange(tokens)[None] + np.array([[0], [9]]), jnp.int32)
+    rows = None if rows is None else jnp.asarray(rows, jnp.int32)
+
+    def prefill(block):  # (output, whether it looped over blocks)
+        monkeypatch.setattr(decoder, "QUERY_BLOCK", block)
+        run = jax.jit(functools.partial(attend, kv_length=32, use_kernel=False))
+        args = (q, k, v, positions, rows, jnp.int32(LAYER))
+        return np.asarray(run(*args)), "while" in run.lower(*args).as_text()
+
+    # 2 groups x 16 tokens = 32 query rows: in blocks of 8, and all at once.
+    (blocked, looped), (whole, at_once_looped) = prefill(8), prefill(32)
+    assert looped and not at_once_looped
+    assert not np.allclose(whole, 0)
+    np.testing.assert_allclose(blocked, whole, rtol=0, atol=TOLERANCE * np.abs(whole).max())
