@@ -14,7 +14,7 @@ def unmap_large_buffers_when_freed(threshold_bytes: int = 16 << 20) -> bool:
     """Has glibc map every allocation of at least `threshold_bytes` on its own and unmap
     it when freed, for the whole process; False where the C library is not glibc.
 
-    XLA allocates each call's temporaries as one buffer (31.6 MB for a 512-token prefill
+    XLA allocates each call's temporaries as one buffer (21.5 MB for a 512-token prefill
     chunk of SmolLM2), on whichever of its threads runs the call. Left to itself, glibc
     raises its mapping threshold to the largest mapped block freed so far; from then on
     such a buffer comes from the running thread's own arena and stays resident there
