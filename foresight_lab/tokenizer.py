@@ -82,12 +82,11 @@ class Tokenizer:
         template = tokenizer.chat_template
         if isinstance(template, dict):  # named templates: the one used without tools
             template = template.get("default")
-        named = {k: str(v) for k, v in tokenizer.special_tokens_map.items() if v is not None}
         return cls(
             tokenizer.backend_tokenizer,
-            named,
+            {k: str(v) for k, v in tokenizer.special_tokens_map.items() if v is not None},
             template,
-            [t for t in tokenizer.all_special_tokens if t not in named.values()],
+            tokenizer.all_special_tokens,  # the named ones are left out of the extras
             bool(tokenizer.clean_up_tokenization_spaces),
         )
 
