@@ -10,8 +10,11 @@ from foresight_lab.engine.kv_cache import EngineConfig
 from foresight_lab.lab import Lab
 from tests.tiny import tiny_loaded_model
 
-# Small limits keep the number of shapes (so compilations) low.
-TINY_ENGINE = EngineConfig(max_slots=8, max_cache_length=256, prefill_chunk=64, min_cache_bucket=64)
+# Small limits keep the number of shapes (so compilations) low; 16 slots, so a request
+# can run among 15 others.
+TINY_ENGINE = EngineConfig(
+    max_slots=16, max_cache_length=256, prefill_chunk=64, min_cache_bucket=64
+)
 
 
 def run_concurrently(lab: Lab, requests: list) -> list:

@@ -55,15 +55,26 @@ def test_different_seeds_give_different_tokens(tiny_lab):
     "sampling",
     [dict(temperature=0), dict(temperature=0.9, top_p=0.9, top_k=50, min_p=0.02, seed=3)],
 )
-def test_same_tokens_alone_and_batched_beside_other_requests(tiny_lab, sampling):
+def test_same_tokens_alone_and_among_15_other_requests(tiny_lab, sampling):
     mine = options(**sampling, logprobs=True)
     alone = tiny_lab.engine.submit(PROMPT, mine).result()
+    # Prompts of 1 to 170 tokens (shared prefill calls, and three chunks) with every
+    # kind of sampling, long enough to be decoding while this request does.
     others = [
-        (p, options(temperature=1.0, seed=i, max_tokens=20)) for i, p in enumerate(OTHER_PROMPTS)
+        (
+            [(31 * i + 7 * k) % 300 + 3 for k in range(length)],
+            options(temperature=[0, 1.0, 0.6][i % 3], top_k=i, seed=i, max_tokens=40),
+        )
+        for i, length in enumerate([1, 3, 9, 16, 17, 30, 64, 65, 100, 170, 5, 12, 40, 2, 7])
     ]
-    batched = run_concurrently(tiny_lab, [*others[:2], (PROMPT, mine), *others[2:]])
+    with recording_calls(tiny_lab, "decode") as calls:
+        batched = run_concurrently(tiny_lab, [*others[:7], (PROMPT, mine), *others[7:]])
     # The logprobs too, to the bit: a row's logits do not depend on its batch.
-    assert logprob_trace(batched[2]) == logprob_trace(alone)
+    assert logprob_trace(batched[7]) == logprob_trace(alone)
+    assert all(len(b.choices[0].token_ids) == 40 for b in batched[:7] + batched[8:])
+    # Some steps decoded all sixteen at once (a row is live when its position is real).
+    cache_length = tiny_lab.engine.config.max_cache_length
+    assert max(int(np.sum(np.asarray(c[5]) < cache_length)) for c in calls) == 16
 
 
 def test_short_prompts_that_arrive_together_share_prefill_calls_and_keep_their_tokens(tiny_lab):
@@ -300,8 +311,8 @@ def test_freed_memory_is_handed_back_when_the_engine_falls_idle_and_only_then(
 
 
 def test_requests_beyond_the_slots_wait_their_turn(tiny_lab):
-    results = run_concurrently(tiny_lab, [(PROMPT, options(n=5, temperature=0))] * 3)
-    assert all(len(r.choices) == 5 for r in results)
+    results = run_concurrently(tiny_lab, [(PROMPT, options(n=6, temperature=0))] * 3)
+    assert all(len(r.choices) == 6 for r in results)
     assert all(c.token_ids == results[0].choices[0].token_ids for r in results for c in r.choices)
 
 
@@ -320,7 +331,7 @@ def test_chat_renders_the_model_template(tiny_lab):
         (dict(top_p=1.5), "top_p"),
         (dict(max_tokens=0), "max_tokens"),
         (dict(n=0), "n"),
-        (dict(n=9), "n"),  # beyond the engine's 8 slots
+        (dict(n=17), "n"),  # beyond the engine's 16 slots
         (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
         (dict(stop=[""]), "stop"),
         (dict(top_k=-3), "top_k"),

@@ -10,7 +10,6 @@ from foresight_lab.models.decoder import Decoder, empty_cache, rope_frequencies
 from foresight_lab.models.quantized import QuantizedMatrix
 from foresight_lab.weights.gguf import (
     NotAModelError,
-    count_tensors,
     open_gguf,
     read_gguf,
     read_header,
@@ -92,6 +91,16 @@ def test_float_gguf_reads_back_to_the_same_logits(tmp_path, family):
     np.testing.assert_allclose(logits_of(config, params, tokens), expected, atol=1e-4, rtol=0)
 
 
+def test_the_tensor_count_comes_with_the_header_before_the_tensors(tmp_path):
+    """What `load_model`'s progress bar shows: its total, then a step for each tensor
+    (the Llama 3 model has rope_freqs.weight, read apart from the layers)."""
+    write_gguf(tmp_path / "m.gguf", tiny_hf_model("llama"), "llama")
+    events = []
+    read_gguf(tmp_path / "m.gguf", on_tensor=events.append, on_header=events.append)
+    total, *names = events
+    assert total == len(names) and sorted(names) == sorted(read_header(tmp_path / "m.gguf")[1])
+
+
 @pytest.mark.parametrize(
     "qtype", [GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1]
 )
@@ -142,7 +151,7 @@ def test_rope_permutation_is_undone_exactly():
 def test_a_file_that_is_not_gguf_is_refused_with_a_clear_error(tmp_path):
     path = tmp_path / "notes.gguf"
     path.write_text("not a model")
-    for read in (read_gguf, count_tensors):
+    for read in (read_gguf, read_header):
         with pytest.raises(NotAModelError, match="not a readable GGUF file"):
             read(path)
 
@@ -158,7 +167,7 @@ def test_the_header_reads_as_ggufs_own_reader_reads_it(tmp_path, family):
     assert metadata == {
         key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")
     }
-    assert count_tensors(path) == len(tensors) == len(reader.tensors)
+    assert len(tensors) == len(reader.tensors)
     for expected in reader.tensors:
         tensor = tensors[expected.name]
         assert (tensor.tensor_type, list(tensor.shape)) == (

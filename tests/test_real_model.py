@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -285,19 +286,23 @@ def test_8_bit_activations_follow_the_float32_path_until_a_near_tie(
     lab_8_bits, float32_lab, prompt
 ):
     """The inputs of each Q4_1 matmul rounded to 8 bits a block, as llama.cpp rounds
-    them, move a token's logprob by up to about 0.2 while the text is the same (16 bits:
-    0.005). Greedy text follows the float32 path for 12 to 26 tokens on these prompts,
-    then parts at a token the float32 path ranks second or third."""
+    them, move a token's logprob by up to about 0.3 while the text is the same (16 bits:
+    0.005). Greedy text follows the float32 path for 13 to 26 tokens on these prompts,
+    then parts at a near tie: a token among the float32 path's alternatives whose logprob
+    there is within twice that of its first (0.13 to 0.49 on these prompts)."""
+    moved = 0.3
     greedy = dict(max_tokens=32, temperature=0, ignore_eos=True, top_logprobs=5)
     expected = float32_lab.generate(prompt, **greedy).choices[0].logprobs
     got = lab_8_bits.generate(prompt, **greedy).choices[0].logprobs
     pairs = list(zip(got, expected, strict=True))
     same = next((i for i, (a, b) in enumerate(pairs) if a.token_id != b.token_id), len(pairs))
     assert same >= 8
-    assert all(abs(a.logprob - b.logprob) < 0.3 for a, b in pairs[:same])
+    assert all(abs(a.logprob - b.logprob) < moved for a, b in pairs[:same])
     if same < len(pairs):
-        ranked = [t.token_id for t in expected[same].top_logprobs]
-        assert got[same].token_id in ranked[1:3]
+        alternatives = {t.token_id: t.logprob for t in expected[same].top_logprobs}
+        taken = got[same].token_id
+        assert taken in alternatives
+        assert alternatives[expected[same].token_id] - alternatives[taken] < 2 * moved
 
 
 def test_prompts_prefilled_together_give_the_tokens_each_gives_alone(smollm2_lab):
@@ -312,3 +317,56 @@ def test_prompts_prefilled_together_give_the_tokens_each_gives_alone(smollm2_lab
         together = run_concurrently(smollm2_lab, [(p, greedy) for p in prompts])
     assert [args[2].shape for args in calls] == [(4, 64)]
     assert [logprob_trace(r) for r in together] == alone  # to the bit
+
+
+def test_a_row_decoded_among_15_others_gets_the_bits_it_gets_alone(smollm2_lab):
+    """One decode step of 16 rows against the same step of row 0 alone, on a cache of 16
+    slots: the sampled token, its logprob and the alternatives, to the bit. XLA's CPU
+    backend gave ops of 4096 elements or more to another library (from 8 rows of
+    SmolLM2's hidden size up), whose sums round differently; the engine turns that off."""
+    from foresight_lab.engine.scheduler import _sampling_params
+    from foresight_lab.models.decoder import empty_cache
+
+    engine = smollm2_lab.engine
+    steps, vocab = engine._scheduler.steps, engine.model.config.vocab_size
+    rng = np.random.default_rng(0)
+    scale = 0.5  # keys and values of about a real cache's size
+    cache = tuple(
+        (rng.standard_normal(a.shape) * scale).astype(a.dtype)
+        for a in empty_cache(engine.model.config, 16, 128, engine.config.kv_cache_dtype)
+    )
+    tokens = rng.integers(0, vocab, 16).astype(np.int32)
+    positions = rng.integers(5, 120, 16).astype(np.int32)
+    seeds = rng.integers(0, 2**32, (16, 2), dtype=np.uint32)
+    samplings = [
+        SamplingOptions(temperature=0, logprobs=True, top_logprobs=5),
+        SamplingOptions(temperature=0.8, top_p=0.9, logprobs=True, top_logprobs=5),
+        SamplingOptions(
+            temperature=1.0,
+            top_k=40,
+            min_p=0.05,
+            presence_penalty=0.5,
+            logprobs=True,
+            top_logprobs=5,
+        ),
+    ]  # each asks for alternatives: a step computes them only when some row does
+
+    def step(rows: int, mine: SamplingOptions):
+        options = {0: mine} | {r: samplings[r % 3] for r in range(1, rows)}
+        sampled, *_ = steps.decode(
+            engine._scheduler.params,
+            tuple(np.copy(a) for a in cache),
+            np.ones((16, vocab), np.int32),  # every token generated once: penalties apply
+            np.zeros(16, np.int32),
+            tokens[:rows],
+            positions[:rows],
+            _sampling_params(rows, options, vocab),
+            seeds[:rows],
+            np.zeros(rows, np.int32),
+            kv_length=128,
+        )
+        return [np.asarray(x)[0] for x in jax.tree.leaves(sampled)]
+
+    for mine in samplings:
+        for alone, beside in zip(step(1, mine), step(16, mine), strict=True):
+            np.testing.assert_array_equal(alone, beside)

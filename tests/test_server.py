@@ -232,7 +232,7 @@ def test_unknown_fields_and_foresights_plain_defaults_leave_a_plain_reply(client
         ({"messages": HELLO, "temperature": 3}, 400, "temperature"),
         ({"messages": HELLO, "top_p": 0}, 400, "top_p"),
         ({"messages": HELLO, "n": 0}, 400, "n"),
-        ({"messages": HELLO, "n": 9}, 400, "n"),
+        ({"messages": HELLO, "n": 17}, 400, "n"),
         ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({"messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
         ({"messages": HELLO, "max_tokens": 1000}, 400, "max_tokens"),

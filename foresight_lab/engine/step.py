@@ -43,6 +43,24 @@ LOGPROB_ROWS = KERNEL_MAX_ROWS
 # still on the device (the scheduler has not read it back yet).
 FROM_LAST_STEP = -1
 
+# XLA's CPU backend hands an elementwise op or a reduction to its YNNPACK library only
+# when the op holds at least 4096 elements, so the number of rows in a call would choose
+# how a row's norms and its sampler's sums are computed: in different orders, with
+# different roundings. SmolLM2's logprobs moved in a row decoded beside 7 or more others,
+# and with top_p its token changed at times. Only YNNPACK's dots are kept: each row of
+# their result does not depend on the others (prefill's shared calls rely on it).
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+}
+
+
+def _jit(fun, **jit_options):
+    """jax.jit with CPU_COMPILER_OPTIONS where the engine runs on CPU."""
+    if jax.default_backend() == "cpu":
+        jit_options["compiler_options"] = CPU_COMPILER_OPTIONS
+    return jax.jit(fun, **jit_options)
+
+
 # Backend compilations are counted per thread that runs engine code, so an engine can
 # report its own count (JAX compiles on the thread that first calls a new shape).
 _compiles = threading.local()
@@ -95,7 +113,7 @@ class Precompiled:
     """
 
     def __init__(self, fun, **jit_options):
-        self.jitted = jax.jit(fun, **jit_options)
+        self.jitted = _jit(fun, **jit_options)
         self._executables: dict[tuple, jax.stages.Compiled] = {}
 
     def compile(self, *args, **static) -> None:
@@ -149,8 +167,8 @@ class Steps:
         self.copy_row = Precompiled(_copy_row, donate_argnames="cache")
         self.prompt_logprobs = Precompiled(self._prompt_logprobs)
         self.clear_counts = Precompiled(_clear_row, donate_argnames="counts")
-        self.next_token_logits = jax.jit(self._next_token_logits)
-        self.sampling_distribution = jax.jit(sampling_distribution)
+        self.next_token_logits = _jit(self._next_token_logits)
+        self.sampling_distribution = _jit(sampling_distribution)
 
     def _prefill(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import mmap
 import pathlib
 import struct
+from collections.abc import Callable
 
 import gguf
 import numpy as np
@@ -194,20 +195,29 @@ def keep_blocks(tensor: gguf.ReaderTensor) -> QuantizedMatrix | None:
 
 
 def read_gguf(
-    path: str | pathlib.Path, on_tensor=None, quantized: bool = True
+    path: str | pathlib.Path,
+    on_tensor: Callable[[str], None] | None = None,
+    quantized: bool = True,
+    on_header: Callable[[int], None] | None = None,
 ) -> tuple[ModelConfig, dict, dict]:
     """(config, params, metadata) of a GGUF model file.
 
     quantized: keep Q4_1 and Q8_0 weights in their blocks (a QuantizedMatrix each);
     False dequantizes everything to float32 (the reference, four to seven times larger).
+    on_header gets the number of tensors once the header is read (a progress bar's
+    total), on_tensor each tensor's name as it is read.
     """
     metadata, tensors, mapped = read_header(path)
+    if on_header is not None:
+        on_header(len(tensors))
     arch = metadata.get("general.architecture")
     if "token_embd.weight" in tensors and f"{arch}.vocab_size" not in metadata:
         metadata[f"{arch}.vocab_size"] = int(tensors["token_embd.weight"].shape[-1])
     factors = None
     if "rope_freqs.weight" in tensors:
         factors = tuple(float(f) for f in dequantize(tensors["rope_freqs.weight"]).ravel())
+        if on_tensor is not None:
+            on_tensor("rope_freqs.weight")
     config = ModelConfig.from_gguf(
         metadata, has_output_weight="output.weight" in tensors, rope_freq_factors=factors
     )
@@ -237,7 +247,3 @@ def _forget_pages(mapped: mmap.mmap, start: int, length: int) -> None:
     if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
         first = start - start % mmap.PAGESIZE
         mapped.madvise(mmap.MADV_DONTNEED, first, start + length - first)
-
-
-def count_tensors(path: str | pathlib.Path) -> int:
-    return len(read_header(path)[1])

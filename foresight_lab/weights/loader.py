@@ -11,7 +11,7 @@ from foresight_lab.models.config import ModelConfig
 from foresight_lab.progress import progress_bar
 from foresight_lab.tokenizer import Tokenizer, eos_token_ids, load_tokenizer
 from foresight_lab.weights import registry
-from foresight_lab.weights.gguf import count_tensors, read_gguf
+from foresight_lab.weights.gguf import read_gguf
 from foresight_lab.weights.safetensors import read_hf_directory
 
 
@@ -43,12 +43,12 @@ def load_model(
     """
     path = registry.resolve(str(model), progress=progress)
     if path.is_file():
-        total = count_tensors(path)
-        with progress_bar(
-            total=total, desc="Loading weights", unit="tensor", progress=progress
-        ) as bar:
+        with progress_bar(desc="Loading weights", unit="tensor", progress=progress) as bar:
             config, params, metadata = read_gguf(
-                path, on_tensor=lambda _: bar.update(), quantized=quantized
+                path,
+                on_tensor=lambda _: bar.update(),
+                quantized=quantized,
+                on_header=lambda total: bar.reset(total=total),
             )
     else:
         metadata = None
