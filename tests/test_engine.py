@@ -483,6 +483,20 @@ def test_an_unknown_activation_width_is_refused_with_the_choices():
         EngineConfig(activation_bits=4)
 
 
+def test_an_xla_without_the_cpu_options_compiles_without_them_and_says_so(monkeypatch):
+    from foresight_lab.engine import step
+
+    assert step._xla_takes_cpu_options()  # this jaxlib's XLA knows them
+    monkeypatch.setattr(step, "CPU_COMPILER_OPTIONS", {"xla_cpu_no_such_option": "1"})
+    step._xla_takes_cpu_options.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="No such compile option.*differ with the batch"):
+            jitted = step._jit(jnp.negative)
+        assert float(jitted(2.0)) == -2.0
+    finally:
+        step._xla_takes_cpu_options.cache_clear()
+
+
 def test_an_unknown_kv_cache_dtype_is_refused_with_the_choices():
     with pytest.raises(
         ValueError, match="kv_cache_dtype must be one of float16, float32, not 'int8'"

@@ -11,7 +11,9 @@ scheduler can dispatch the next step before it has read this one's tokens back.
 
 from __future__ import annotations
 
+import functools
 import threading
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -56,9 +58,27 @@ CPU_COMPILER_OPTIONS = {
 
 def _jit(fun, **jit_options):
     """jax.jit with CPU_COMPILER_OPTIONS where the engine runs on CPU."""
-    if jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu" and _xla_takes_cpu_options():
         jit_options["compiler_options"] = CPU_COMPILER_OPTIONS
     return jax.jit(fun, **jit_options)
+
+
+@functools.cache
+def _xla_takes_cpu_options() -> bool:
+    """Whether this jaxlib's XLA knows CPU_COMPILER_OPTIONS (an experimental option that
+    a later XLA may rename): without it the engine still runs, with a warning that a
+    row's results may then depend on its batch."""
+    try:
+        jax.jit(jnp.negative, compiler_options=CPU_COMPILER_OPTIONS).lower(1.0).compile()
+    except jax.errors.JaxRuntimeError as error:
+        warnings.warn(
+            f"this jaxlib's XLA refused {CPU_COMPILER_OPTIONS} ({error}); compiling without "
+            "them, so a request's logprobs, and rarely its tokens, may differ with the "
+            "batch it decodes in",
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 # Backend compilations are counted per thread that runs engine code, so an engine can
